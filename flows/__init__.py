@@ -1,0 +1,5 @@
+"""Prefect flows. Importing this package switches Prefect's anonymous analytics off."""
+
+import os
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

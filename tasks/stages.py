@@ -1,0 +1,70 @@
+"""One Prefect task that runs any stage of ``transferlab.stages``.
+
+The result cache makes a re-run skip stages whose inputs did not change: the key digests the
+stage's params sections, its input files, the library's source and the workspace. A stage whose
+outputs are missing gets no key, so it always runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from prefect import task
+from prefect.context import TaskRunContext
+
+import transferlab
+from transferlab.config import load_params
+from transferlab.stages import STAGES
+
+# Stages that reach the network (a remote source, the tracking server) retry with backoff.
+RETRIES = {"pull": 2, "report": 2}
+
+
+def _fingerprint(path: Path, h: hashlib._Hash) -> None:
+    """Content for files; (name, size, mtime) for folders, which can hold thousands of images."""
+    if path.is_file():
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    elif path.is_dir():
+        for p in sorted(path.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(path)}:{st.st_size}:{st.st_mtime_ns}".encode())
+    else:
+        h.update(f"missing:{path}".encode())
+
+
+def _code_digest() -> str:
+    h = hashlib.sha256()
+    for p in sorted(Path(transferlab.__file__).parent.rglob("*.py")):
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict) -> str | None:
+    stage = STAGES[parameters["stage"]]
+    root = Path(parameters["workdir"]).resolve()
+    if any(not (root / out).exists() for out in (*stage.outs, *stage.metrics, *stage.plots)):
+        return None
+    params = load_params(parameters["params_path"])
+    h = hashlib.sha256()
+    h.update(f"{stage.name}|{root}|{params.section_hash(*stage.params)}|{_code_digest()}".encode())
+    for dep in stage.deps:
+        _fingerprint(root / dep, h)
+    if stage.name == "pull":
+        _fingerprint(Path(params.data.source.path), h)
+    return h.hexdigest()
+
+
+@task(cache_key_fn=stage_cache_key, persist_result=True, retry_delay_seconds=[2, 10])
+def run_stage(
+    stage: str, params_path: str, workdir: str, context: dict[str, str] | None = None
+) -> dict:
+    """Run one stage on the workspace ``workdir``; returns the stage's summary."""
+    fn = STAGES[stage].run
+    params = load_params(params_path)
+    root = Path(workdir)
+    return fn(params, root, context=context) if stage == "report" else fn(params, root)

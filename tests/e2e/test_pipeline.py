@@ -1,0 +1,100 @@
+"""`dvc repro` and the Prefect flow run the same stages on the same params to the same metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, tiny_params, write_workspace
+
+pytestmark = pytest.mark.slow
+
+COMPARED = ("metrics/svm.json", "metrics/attack.json")
+
+
+def sh(*args: str, cwd: Path) -> str:
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+def mlflow_runs(workdir: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns.db'}")
+    exp = client.get_experiment_by_name("tiny")
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def comparable(workdir: Path) -> dict:
+    out = {}
+    for rel in COMPARED:
+        data = json.loads((workdir / rel).read_text())
+        data.pop("fit_seconds", None)
+        out[rel] = data
+    return out
+
+
+@pytest.fixture(scope="module")
+def dvc_workspace(tmp_path_factory, tiny_dataset) -> Path:
+    ws = write_workspace(tmp_path_factory.mktemp("dvc_ws"), tiny_params(tiny_dataset))
+    shutil.copy(REPO / "dvc.yaml", ws / "dvc.yaml")
+    sh("git", "init", "-q", cwd=ws)
+    sh("dvc", "init", "-q", cwd=ws)
+    sh("dvc", "config", "core.analytics", "false", cwd=ws)
+    sh("dvc", "config", "core.site_cache_dir", str(ws / ".dvc" / "site_cache"), cwd=ws)
+    sh("dvc", "repro", cwd=ws)
+    return ws
+
+
+def test_dvc_repro_produces_metrics_and_a_tracked_run(dvc_workspace):
+    ws = dvc_workspace
+    svm = json.loads((ws / "metrics/svm.json").read_text())
+    assert svm["test_acc"] >= 0.5  # 3 easy classes: far above chance (0.33)
+    attack = json.loads((ws / "metrics/attack.json").read_text())
+    assert not [f for f in attack["sanity"] if f["level"] == "fail"]
+    curve = attack["summary"]["svm"]["fgsm"]
+    assert curve["eps_0/255"] == pytest.approx(attack["summary"]["svm"]["clean_acc"])
+    assert curve["eps_8/255"] <= curve["eps_0/255"]
+    assert (ws / "plots/robustness.png").stat().st_size > 1000
+    runs = mlflow_runs(ws)
+    names = sorted(r.info.run_name for r in runs)
+    assert names == ["pipeline", "svm"]
+    child = next(r for r in runs if r.info.run_name == "svm")
+    assert child.data.metrics["test_acc"] == pytest.approx(svm["test_acc"])
+    assert "robust_acc_fgsm_eps_8" in child.data.metrics
+    for tag in ("git.commit", "params.hash", "data.manifest_hash"):
+        assert tag in child.data.tags
+
+
+def test_second_dvc_repro_is_a_no_op(dvc_workspace):
+    before = {p: p.stat().st_mtime_ns for p in (dvc_workspace / "metrics").iterdir()}
+    out = sh("dvc", "repro", cwd=dvc_workspace)
+    assert "up to date" in out
+    assert "Running stage" not in out
+    assert before == {p: p.stat().st_mtime_ns for p in (dvc_workspace / "metrics").iterdir()}
+    assert len(mlflow_runs(dvc_workspace)) == 2
+
+
+def test_prefect_flow_gives_the_same_metrics_and_caches(tmp_path, tiny_dataset, dvc_workspace):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    ws = write_workspace(tmp_path / "prefect_ws", tiny_params(tiny_dataset))
+    with prefect_test_harness(server_startup_timeout=60):
+        first = pipeline(params_path=str(ws / "params.yaml"), workdir=str(ws))
+        features_mtime = (ws / "features/features.npz").stat().st_mtime_ns
+        second = pipeline(params_path=str(ws / "params.yaml"), workdir=str(ws))
+    assert comparable(ws) == comparable(dvc_workspace)
+    runs = mlflow_runs(ws)
+    parent = next(r for r in runs if r.info.run_name == "pipeline")
+    assert parent.data.tags["prefect.flow_run_id"]
+    # the second run is served from the result cache: nothing recomputed, nothing re-logged
+    assert second == first
+    assert (ws / "features/features.npz").stat().st_mtime_ns == features_mtime
+    assert len(runs) == 2

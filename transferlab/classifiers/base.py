@@ -1,0 +1,76 @@
+"""The one contract every adaptation method meets, and how it is stored."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from transferlab.backbones import Backbone, load_backbone
+
+
+class Classifier(nn.Module):
+    """Backbone + head. Normalisation lives inside, so attacks work in [0, 1] pixel space.
+
+    Attributes:
+        backbone: the ImageNet feature extractor (frozen or fine-tuned).
+        head: features (N, D) -> logits (N, C).
+        classes: class names, index = logit position.
+        method: "svm" | "top" | "full".
+    """
+
+    def __init__(self, backbone: Backbone, head: nn.Module, classes: list[str], method: str):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.classes = list(classes)
+        self.method = method
+
+    def forward(self, x01: Tensor) -> Tensor:
+        """(N, 3, H, W) images in [0, 1] -> (N, C) logits."""
+        return self.head(self.backbone.features(x01))
+
+
+def save_classifier(clf: Classifier, folder: Path, *, pretrained: str, extra: dict | None = None):
+    """Write ``meta.json`` and ``head.pt`` (the backbone is rebuilt from its registry name).
+
+    Files are renamed into place, so readers never see half a model.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    head = clf.head
+    if not isinstance(head, nn.Linear):
+        raise TypeError("only linear heads are stored this way so far")
+    meta = {
+        "method": clf.method,
+        "classes": clf.classes,
+        "backbone": clf.backbone.name,
+        "pretrained": pretrained,
+        "weights_digest": clf.backbone.weights_digest,
+        "head": {"in_features": head.in_features, "out_features": head.out_features},
+        **(extra or {}),
+    }
+    for name, write in (
+        ("head.pt", lambda f: torch.save(head.state_dict(), f)),
+        ("meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode())),
+    ):
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, folder / name)
+
+
+def load_classifier(folder: Path) -> Classifier:
+    """Rebuild a stored classifier in eval mode."""
+    meta = json.loads((folder / "meta.json").read_text())
+    backbone = load_backbone(meta["backbone"], meta["pretrained"])
+    if backbone.weights_digest != meta["weights_digest"]:
+        raise RuntimeError(
+            f"{folder}: the backbone weights changed since this model was trained; re-run the stage"
+        )
+    head = nn.Linear(meta["head"]["in_features"], meta["head"]["out_features"])
+    head.load_state_dict(torch.load(folder / "head.pt", map_location="cpu", weights_only=True))
+    return Classifier(backbone, head, meta["classes"], meta["method"]).eval()

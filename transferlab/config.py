@@ -1,0 +1,274 @@
+"""Typed, validated view of ``params.yaml``.
+
+``load_params`` is the only reader of the YAML. Each top-level section is one frozen pydantic
+model with ``extra="forbid"``, so a typo fails loudly with the key path, the file and the
+allowed keys or values, before any work starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+DEFAULT_PARAMS = Path("params.yaml")
+
+
+class ParamsError(ValueError):
+    """A params file that cannot be used; the message is one line naming key, file and fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_eps(value: Any) -> float:
+    """Turn ``4/255``, ``"0.03"`` or ``0.03`` into a float in [0, 1]."""
+    if isinstance(value, bool):
+        raise ValueError(f"eps must be a number or a fraction like '4/255', got {value!r}")
+    if isinstance(value, int | float):
+        eps = float(value)
+    elif isinstance(value, str):
+        try:
+            eps = float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(
+                f"eps {value!r} does not parse; write a number or a fraction like '4/255'"
+            ) from None
+    else:
+        raise ValueError(f"eps must be a number or a fraction like '4/255', got {value!r}")
+    if not 0.0 <= eps <= 1.0:
+        raise ValueError(f"eps {value!r} is outside [0, 1] (pixel space, images in [0, 1])")
+    return eps
+
+
+# ---------------------------------------------------------------- data
+
+
+class FolderSource(Section):
+    """Images in ``path/<class>/...``: the first-level subfolder is the class."""
+
+    kind: Literal["folder"] = "folder"
+    path: Path
+
+
+TUXPAINT_CLASSES: dict[str, tuple[str, ...]] = {
+    "mammals": ("animals/mammals",),
+    "birds": ("animals/birds",),
+    "fruit_vegetables": ("food/fruit", "food/vegetables"),
+    "flowers": ("plants/flowers",),
+    "fish": ("animals/fish",),
+}
+
+
+class TuxpaintSource(Section):
+    """Photo stamps shipped by Debian's ``tuxpaint-stamps-default`` (the bundled default)."""
+
+    kind: Literal["tuxpaint_photos"] = "tuxpaint_photos"
+    path: Path = Path("/usr/share/tuxpaint/stamps")
+    classes: dict[str, tuple[str, ...]] = Field(default_factory=lambda: dict(TUXPAINT_CLASSES))
+
+
+Source = Annotated[FolderSource | TuxpaintSource, Field(discriminator="kind")]
+
+
+class DataParams(Section):
+    source: Source = Field(default_factory=TuxpaintSource)
+    min_size: int = Field(32, ge=1, description="reject images whose shorter side is smaller")
+    max_pixels: int = Field(
+        64_000_000, ge=1, description="reject larger images (decompression bombs)"
+    )
+    background: tuple[int, int, int] = (255, 255, 255)
+
+    @field_validator("background")
+    @classmethod
+    def _rgb(cls, v: tuple[int, int, int]) -> tuple[int, int, int]:
+        if not all(0 <= c <= 255 for c in v):
+            raise ValueError("background must be three integers in 0..255")
+        return v
+
+
+class SplitParams(Section):
+    seed: int = 0
+    val: float = Field(0.2, ge=0.0, lt=1.0)
+    test: float = Field(0.25, gt=0.0, lt=1.0)
+    per_class: int | None = Field(None, ge=1, description="cap images per class")
+
+
+# ---------------------------------------------------------------- features
+
+
+class FeaturesParams(Section):
+    backbone: str = "efficientnet_lite0"
+    # package: weights a pip package ships; hub: timm/torchvision download; file:<path>; none
+    pretrained: str = "package"
+    batch_size: int = Field(16, ge=1)
+    num_workers: int = Field(0, ge=0)
+    precision: Literal["fp32", "bf16"] = "fp32"
+    cache_dir: Path = Path(".transferlab/cache")
+
+    @field_validator("pretrained")
+    @classmethod
+    def _pretrained(cls, v: str) -> str:
+        if v in ("package", "hub", "none") or (v.startswith("file:") and len(v) > 5):
+            return v
+        raise ValueError("pretrained must be one of: package, hub, none, file:<path>")
+
+    @field_validator("backbone")
+    @classmethod
+    def _known_backbone(cls, v: str) -> str:
+        from transferlab.backbone_specs import check_backbone_name
+
+        check_backbone_name(v)
+        return v
+
+
+# ---------------------------------------------------------------- methods
+
+
+class SvmParams(Section):
+    C: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    cv: int = Field(3, ge=2, description="stratified folds for choosing C")
+    class_weight: Literal["balanced"] | None = None
+    max_iter: int = Field(10_000, ge=1)
+
+    @field_validator("C")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError("C must be a non-empty list of positive numbers")
+        return v
+
+
+# ---------------------------------------------------------------- attacks
+
+
+class AttackParams(Section):
+    models: tuple[Literal["svm"], ...] = ("svm",)
+    attacks: tuple[Literal["fgsm"], ...] = ("fgsm",)
+    eps: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
+    report_eps: float = 4 / 255
+    max_images: int = Field(64, ge=1, description="attack at most this many test images")
+    batch_size: int = Field(16, ge=1)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps_list(cls, v: Any) -> tuple[float, ...]:
+        if not isinstance(v, list | tuple) or not v:
+            raise ValueError("eps must be a non-empty list like [0, 2/255, 4/255]")
+        return tuple(sorted(parse_eps(e) for e in v))
+
+    @field_validator("report_eps", mode="before")
+    @classmethod
+    def _eps(cls, v: Any) -> float:
+        return parse_eps(v)
+
+
+# ---------------------------------------------------------------- tracking
+
+
+class TrackingParams(Section):
+    experiment: str = Field("transferlab", min_length=1)
+    # MLFLOW_TRACKING_URI in the environment wins over this.
+    tracking_uri: str = "sqlite:///mlruns.db"
+    artifact_dir: Path = Path("mlartifacts")
+
+
+class Params(Section):
+    data: DataParams = Field(default_factory=DataParams)
+    split: SplitParams = Field(default_factory=SplitParams)
+    features: FeaturesParams = Field(default_factory=FeaturesParams)
+    svm: SvmParams = Field(default_factory=SvmParams)
+    attack: AttackParams = Field(default_factory=AttackParams)
+    tracking: TrackingParams = Field(default_factory=TrackingParams)
+
+    def section_hash(self, *names: str) -> str:
+        """Digest of the named sections (all when none): what a stage's cache depends on."""
+        dump = self.model_dump(mode="json")
+        chosen = {n: dump[n] for n in (names or dump)}
+        blob = json.dumps(chosen, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    def flat(self) -> dict[str, str]:
+        """``section.key`` -> value strings, for MLflow params."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+            else:
+                out[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that owns the key at ``path`` (to list its allowed keys)."""
+    model: Any = Params
+    for part in path:
+        if isinstance(part, int) or model is None:
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return model
+        ann = field.annotation
+        candidates = [ann, *getattr(ann, "__args__", ())]
+        nxt = next(
+            (c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None
+        )
+        if nxt is None and part == "source":
+            return None  # a union: which member is meant depends on `kind`
+        model = nxt
+    return model
+
+
+def _one_line(err: ValidationError, file: Path) -> str:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if p not in ("folder", "tuxpaint_photos"))
+    key = ".".join(str(p) for p in loc) or "<top level>"
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        owner = _model_at(loc[:-1])
+        allowed = ", ".join(owner.model_fields) if owner else "see params.yaml"
+        return f"{file}: unknown key '{key}'; allowed keys here: {allowed}"
+    msg = first["msg"].removeprefix("Value error, ")
+    if kind == "literal_error" and "expected" in first.get("ctx", {}):
+        msg = f"allowed values are {first['ctx']['expected']}"
+    elif kind == "union_tag_invalid":
+        msg = f"unknown kind; allowed values are {first['ctx']['expected_tags']}"
+    return f"{file}: {key}: {msg} (got {first.get('input')!r})"
+
+
+def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
+    """Read and validate a params file.
+
+    Raises:
+        ParamsError: one line naming the file, the key and what is allowed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"{path}: params file not found; pass --params PATH or create it")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ParamsError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if raw is None:
+        raise ParamsError(f"{path}: the file is empty; copy the sections from the README")
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_one_line(err, path)) from None

