@@ -1,0 +1,265 @@
+"""White-box gradient attacks: one projected-gradient loop, FGSM/BIM/PGD are configurations.
+
+Conventions follow torchattacks (and hence Madry et al.) so results can be cross-checked:
+cross-entropy with mean reduction over the batch, sign steps for L-inf, unit-L2-norm steps for
+L2, projection onto the eps-ball and [0, 1] after every step, targeted attacks descend the loss
+towards the target class.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transferlab.attacks.base import NORMS, Attack, project
+
+log = logging.getLogger(__name__)
+
+# torchattacks' PGDL2 adds this to the gradient norm; same value so the L2 steps agree.
+_L2_DIVISION_EPS = 1e-10
+
+
+class ProjectedGradient(Attack):
+    """Projected gradient descent on the cross-entropy loss (Madry et al., 2018).
+
+    Args:
+        eps: budget in pixel space: L-inf radius or per-image L2 norm.
+        targeted: if True, ``y`` holds targets and the loss is minimised towards them.
+        steps: gradient steps per restart (>= 1).
+        step_size: absolute step in pixel space (L-inf: per pixel; L2: step norm). Default
+            ``2.5 * eps / steps`` as in Madry et al.; it equals torchattacks' defaults
+            (eps=8/255, alpha=2/255, steps=10).
+        random_start: start uniformly in the L-inf ball, or (L2) at a random direction with a
+            radius uniform in [0, eps] as in torchattacks; else start at x.
+        restarts: independent runs; per image the first successful run is kept, else the one
+            with the highest loss. Each restart after one costs one forward query per image.
+        norm: "linf" or "l2".
+        seed: seeds the random start for reproducible runs; None uses torch's global RNG.
+    """
+
+    name = "projected_gradient"
+
+    def __init__(
+        self,
+        *,
+        eps: float,
+        targeted: bool = False,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        norm: str = "linf",
+        seed: int | None = None,
+    ):
+        if norm not in NORMS:
+            raise ValueError(f"unknown norm {norm!r}; allowed values are {list(NORMS)}")
+        self.norm = norm
+        super().__init__(eps=eps, targeted=targeted)
+        if steps < 1:
+            raise ValueError(f"steps must be >= 1, got {steps}")
+        if restarts < 1:
+            raise ValueError(f"restarts must be >= 1, got {restarts}")
+        if step_size is not None and not step_size > 0:
+            raise ValueError(f"step_size must be > 0, got {step_size}")
+        self.steps = int(steps)
+        self.step_size = 2.5 * self.eps / self.steps if step_size is None else float(step_size)
+        self.random_start = bool(random_start)
+        self.restarts = int(restarts)
+        self.seed = seed
+
+    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+        """Run the restarts and keep the best per image. Shapes as in ``Attack.run``."""
+        generator = None
+        if self.seed is not None:
+            generator = torch.Generator(device=x.device)
+            generator.manual_seed(self.seed)
+        if self.restarts == 1:
+            # Nothing to choose between, so skip the scoring forward pass.
+            return self._descend(model, x, y, generator)
+
+        best = x.clone()
+        best_loss = torch.full((x.shape[0],), -torch.inf, device=x.device)
+        found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        for _ in range(self.restarts):
+            x_adv = self._descend(model, x, y, generator)
+            with torch.no_grad():
+                logits = model(x_adv)
+            loss = self._signed_loss(logits, y, reduction="none")
+            pred = logits.argmax(dim=1)
+            success = pred == y if self.targeted else pred != y
+            # A success found earlier is final; otherwise the higher loss (or a success) wins.
+            better = ~found & (success | (loss > best_loss))
+            best[better] = x_adv[better]
+            best_loss = torch.where(better, loss, best_loss)
+            found |= success
+        return best
+
+    def _descend(
+        self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None
+    ) -> Tensor:
+        """One run of the projected-gradient loop from a (random) start. (N, C, H, W) in [0, 1]."""
+        x_adv = self._start(x, generator) if self.random_start else x.clone()
+        for _ in range(self.steps):
+            grad = self._loss_gradient(model, x_adv, y)
+            x_adv = project(x, x_adv + self.step_size * self._direction(grad), **self._ball())
+        return x_adv
+
+    def _ball(self) -> dict[str, float | str]:
+        return {"eps": self.eps, "norm": self.norm}
+
+    def _start(self, x: Tensor, generator: torch.Generator | None) -> Tensor:
+        if self.norm == "linf":
+            noise = torch.empty_like(x).uniform_(-self.eps, self.eps, generator=generator)
+        else:
+            noise = torch.empty_like(x).normal_(generator=generator)
+            norms = noise.flatten(1).norm(p=2, dim=1)
+            radius = torch.empty_like(norms).uniform_(0, 1, generator=generator) * self.eps
+            noise *= (radius / norms).view(-1, *([1] * (x.dim() - 1)))
+        return project(x, x + noise, **self._ball())
+
+    def _signed_loss(self, logits: Tensor, y: Tensor, *, reduction: str = "mean") -> Tensor:
+        """Cross-entropy to ascend: negated for targeted attacks (move towards the target)."""
+        loss = F.cross_entropy(logits.float(), y, reduction=reduction)
+        return -loss if self.targeted else loss
+
+    def _loss_gradient(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
+        """d loss / d x_adv, (N, C, H, W). Gradient with respect to the input only."""
+        x_adv = x_adv.detach().requires_grad_(True)
+        loss = self._signed_loss(model(x_adv), y)
+        (grad,) = torch.autograd.grad(loss, x_adv)
+        return grad
+
+    def _direction(self, grad: Tensor) -> Tensor:
+        """The steepest-ascent unit step for the norm: sign (L-inf) or unit L2 vector."""
+        if self.norm == "linf":
+            return grad.sign()
+        norms = grad.flatten(1).norm(p=2, dim=1) + _L2_DIVISION_EPS
+        return grad / norms.view(-1, *([1] * (grad.dim() - 1)))
+
+
+class FGSM(ProjectedGradient):
+    """Fast gradient sign method (Goodfellow et al., 2015): x' = clip(x + eps * sign(grad)).
+
+    One projected-gradient step of size eps from x, not a separate implementation.
+    """
+
+    name = "fgsm"
+
+    def __init__(self, *, eps: float, targeted: bool = False):
+        super().__init__(
+            eps=eps,
+            targeted=targeted,
+            steps=1,
+            step_size=eps if eps > 0 else None,
+            random_start=False,
+            restarts=1,
+            norm="linf",
+        )
+
+
+class BIM(ProjectedGradient):
+    """Basic iterative method / I-FGSM (Kurakin et al., 2017): PGD without a random start."""
+
+    name = "bim"
+
+    def __init__(
+        self,
+        *,
+        eps: float,
+        targeted: bool = False,
+        steps: int = 10,
+        step_size: float | None = None,
+    ):
+        super().__init__(
+            eps=eps,
+            targeted=targeted,
+            steps=steps,
+            step_size=step_size,
+            random_start=False,
+            restarts=1,
+            norm="linf",
+        )
+
+
+class PGD(ProjectedGradient):
+    """L-inf PGD with a random start (Madry et al., 2018)."""
+
+    name = "pgd"
+
+    def __init__(
+        self,
+        *,
+        eps: float,
+        targeted: bool = False,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        seed: int | None = None,
+    ):
+        super().__init__(
+            eps=eps,
+            targeted=targeted,
+            steps=steps,
+            step_size=step_size,
+            random_start=random_start,
+            restarts=restarts,
+            norm="linf",
+            seed=seed,
+        )
+
+
+class PGDL2(ProjectedGradient):
+    """L2 PGD with a random start (Madry et al., 2018); ``eps`` is a per-image L2 norm."""
+
+    name = "pgd_l2"
+    norm = "l2"
+
+    def __init__(
+        self,
+        *,
+        eps: float,
+        targeted: bool = False,
+        steps: int = 10,
+        step_size: float | None = None,
+        random_start: bool = True,
+        restarts: int = 1,
+        seed: int | None = None,
+    ):
+        super().__init__(
+            eps=eps,
+            targeted=targeted,
+            steps=steps,
+            step_size=step_size,
+            random_start=random_start,
+            restarts=restarts,
+            norm="l2",
+            seed=seed,
+        )
+
+
+ATTACKS: dict[str, type[Attack]] = {"fgsm": FGSM, "bim": BIM, "pgd": PGD, "pgd_l2": PGDL2}
+
+
+def make_attack(name: str, **kwargs: object) -> Attack:
+    """Build a registered attack by name.
+
+    Args:
+        name: a key of ``ATTACKS`` ("fgsm", "bim", "pgd", "pgd_l2").
+        **kwargs: the attack's keyword-only hyperparameters (``eps`` is required).
+
+    Raises:
+        ValueError: on an unknown name or hyperparameter, naming the allowed ones.
+    """
+    if name not in ATTACKS:
+        raise ValueError(f"unknown attack {name!r}; allowed values are {sorted(ATTACKS)}")
+    cls = ATTACKS[name]
+    allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(kwargs) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown hyperparameters {unknown} for {name!r}; allowed: {allowed}")
+    return cls(**kwargs)
