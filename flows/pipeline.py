@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.stages import RETRIES, run_stage
+from tasks.stages import RETRIES, outputs_present, run_stage
 from transferlab.config import load_params
 from transferlab.stages import STAGES
 
@@ -33,7 +33,12 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     workdir = str(Path(workdir).resolve())
     results: dict = {}
     for name in STAGES:
-        task = run_stage.with_options(name=name, task_run_name=name, retries=RETRIES.get(name, 0))
+        task = run_stage.with_options(
+            name=name,
+            task_run_name=name,
+            retries=RETRIES.get(name, 0),
+            refresh_cache=not outputs_present(name, workdir),
+        )
         context = lineage_context() if name == "report" else None
         results[name] = task(name, params_path, workdir, context)
     return results

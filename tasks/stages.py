@@ -1,8 +1,8 @@
 """One Prefect task that runs any stage of ``transferlab.stages``.
 
 The result cache makes a re-run skip stages whose inputs did not change: the key digests the
-stage's params sections, its input files, the library's source and the workspace. A stage whose
-outputs are missing gets no key, so it always runs.
+stage's params sections, the content of its input files, the library's source and the workspace.
+The flow refreshes the cache for a stage whose outputs are missing, so it runs and is stored.
 """
 
 from __future__ import annotations
@@ -44,11 +44,14 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
-def stage_cache_key(context: TaskRunContext, parameters: dict) -> str | None:
+def outputs_present(stage: str, workdir: str | Path) -> bool:
+    s = STAGES[stage]
+    return all((Path(workdir) / out).exists() for out in (*s.outs, *s.metrics, *s.plots))
+
+
+def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:
     stage = STAGES[parameters["stage"]]
     root = Path(parameters["workdir"]).resolve()
-    if any(not (root / out).exists() for out in (*stage.outs, *stage.metrics, *stage.plots)):
-        return None
     params = load_params(parameters["params_path"])
     h = hashlib.sha256()
     h.update(f"{stage.name}|{root}|{params.section_hash(*stage.params)}|{_code_digest()}".encode())
