@@ -42,8 +42,7 @@ test: install
 	pytest -m "not gpu" $(PYTEST_ARGS)
 
 ui: install
-	mlflow ui --backend-store-uri sqlite:///mlruns.db --default-artifact-root ./mlartifacts \
-	  --host 127.0.0.1 --port 5000
+	transferlab ui
 
 lint: install
 	ruff check . && ruff format --check .

@@ -95,3 +95,16 @@ def imagenet_photos(lite0):
     files = sorted(folder.glob("imagenet_*"))
     labels = [int(re.match(r"imagenet_\d+_(\d+)", f.name).group(1)) for f in files]
     return load_images(files, lite0.spec), torch.tensor(labels)
+
+
+@pytest.fixture(scope="session")
+def pipeline_workspace(tmp_path_factory, tiny_dataset) -> Path:
+    """Every stage run once, in process, on the tiny dataset."""
+    from transferlab.config import load_params
+    from transferlab.stages import STAGES
+
+    ws = write_workspace(tmp_path_factory.mktemp("pipeline_ws"), tiny_params(tiny_dataset))
+    params = load_params(ws / "params.yaml")
+    for stage in STAGES.values():
+        stage.run(params, ws)
+    return ws

@@ -91,17 +91,97 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: 
     print_results(result["report"])
 
 
-def print_results(report: dict) -> None:
-    table = Table(title="transferlab results")
-    rows = report["table"]
-    for key in rows[0]:
+def _table(title: str, rows: list[dict]) -> Table:
+    table = Table(title=title)
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    for key in keys:
         table.add_column(key)
     for row in rows:
-        table.add_row(*(f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()))
-    out.print(table)
+        table.add_row(*(_cell(row.get(k)) for k in keys))
+    return table
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def print_results(report: dict) -> None:
+    out.print(_table("transferlab results", report["table"]))
     ml = report["mlflow"]
     out.print(f"MLflow run {ml['parent']} in {ml['tracking_uri']}")
+    if report.get("html"):
+        out.print(f"Report: {report['html']}")
     out.print("Open the MLflow UI with: [bold]make ui[/bold]  (then http://127.0.0.1:5000)")
+
+
+@app.command()
+def compare(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    last: Annotated[int, typer.Option("--last", "-n", help="how many pipeline runs", min=1)] = 5,
+    verbose: VerboseOpt = False,
+):
+    """Table of the last pipeline runs from MLflow: method, accuracy, robust accuracy, time.
+
+    Robust accuracy is at attack.report_eps. Example: transferlab compare --last 10
+    """
+    from transferlab.tracking import recent_runs
+
+    rows = recent_runs(_setup(params, verbose, True), Path.cwd(), last=last)
+    if not rows:
+        out.print("No runs yet: run [bold]transferlab run[/bold] first.")
+        return
+    out.print(_table(f"last {last} pipeline runs", rows))
+
+
+@app.command()
+def status(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False):
+    """Which stages are up to date or stale (dvc status), the feature cache, and the last runs."""
+    import json as _json
+    import subprocess
+
+    from transferlab.tracking import recent_runs
+
+    p = _setup(params, verbose, True)
+    root = Path.cwd()
+    if (root / "dvc.yaml").is_file():
+        proc = subprocess.run(
+            [sys.executable, "-m", "dvc", "status", "--json"], capture_output=True, text=True
+        )
+        if proc.returncode == 0:
+            stale = _json.loads(proc.stdout or "{}")
+            from transferlab.stages import STAGES
+
+            rows = [
+                {"stage": name, "state": "stale" if name in stale else "up to date"}
+                for name in STAGES
+            ]
+            out.print(_table("pipeline (dvc status)", rows))
+        else:
+            out.print(f"[yellow]dvc status failed:[/yellow] {proc.stderr.strip()[:300]}")
+    cache = root / p.features.cache_dir
+    shards = list(cache.rglob("shard-*.npz")) if cache.is_dir() else []
+    size = sum(s.stat().st_size for s in shards)
+    out.print(f"feature cache {cache}: {len(shards)} shards, {size / 1e6:.1f} MB")
+    rows = recent_runs(p, root, last=3)
+    out.print(_table("last runs", rows) if rows else "no MLflow runs yet")
+
+
+@app.command()
+def ui(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
+):
+    """Start the MLflow UI on this workspace's tracking store and print its URL (Ctrl-C stops)."""
+    import subprocess
+
+    from transferlab.tracking import ui_command
+
+    cmd = ui_command(_setup(params, False, True), Path.cwd(), host=host, port=port)
+    out.print(f"MLflow UI: [bold]http://{host}:{port}[/bold]  (Ctrl-C to stop)")
+    raise typer.Exit(subprocess.call(cmd))
 
 
 def main() -> None:

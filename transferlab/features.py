@@ -12,8 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from transferlab.atomic import atomic_write
 from transferlab.backbones import Backbone, BackboneSpec, preprocess_transform
 from transferlab.data import open_rgb
 
@@ -34,15 +33,8 @@ LAYER = "pooled"
 
 def atomic_save_npz(dest: Path, /, **arrays: np.ndarray) -> None:
     """Write an ``.npz`` next to ``dest`` and rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(dest) as f:
+        np.savez(f, **arrays)
 
 
 def key_space(backbone: Backbone, *, background: tuple[int, int, int], precision: str) -> str:

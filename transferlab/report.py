@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import matplotlib
+
+from transferlab.atomic import atomic_write
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -30,12 +30,9 @@ def plot_robustness(rows: list[dict], out: Path) -> Path:
     ax.legend()
     ax.set_title("Robustness under attack")
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 

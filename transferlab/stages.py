@@ -10,8 +10,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from transferlab.atomic import atomic_write
 from transferlab.config import Params
 
 log = logging.getLogger(__name__)
@@ -34,26 +33,21 @@ ATTACK_METRICS = "metrics/attack.json"
 ROBUSTNESS_CSV = "plots/robustness.csv"
 ROBUSTNESS_PNG = "plots/robustness.png"
 RESULTS = "reports/results.json"
+REPORT_HTML = "reports/index.html"
 
 
 def write_json(path: Path, obj: object) -> None:
     """Write JSON atomically (temp file + rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
+    with atomic_write(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
-    os.replace(tmp, path)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+    with atomic_write(path, "w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else [])
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict:
@@ -237,8 +231,9 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     """Plots, the results table, and one MLflow run (nested per method) with the lineage."""
     from transferlab.classifiers import load_classifier
     from transferlab.data import manifest_hash
+    from transferlab.html_report import write_html_report
     from transferlab.report import plot_robustness, results_table
-    from transferlab.tracking import MethodRecord, log_pipeline_run
+    from transferlab.tracking import MethodRecord, git_state, log_pipeline_run
 
     rows = _read_robustness(root)
     svm_metrics = read_json(root / SVM_METRICS)
@@ -268,13 +263,15 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
             record.metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
     record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)
     tags = {
+        **git_state(root),
         "params.hash": params.section_hash(),
         "data.manifest_hash": manifest_hash(root / MANIFEST),
         **(context or {}),
     }
     ids = log_pipeline_run(params, root, tags=tags, methods=[record], artifacts=[plot])
     write_json(root / RESULTS, {"table": table, "mlflow": ids, "tags": tags})
-    return {"table": table, "mlflow": ids}
+    write_html_report(root, root / REPORT_HTML, title=f"transferlab: {params.tracking.experiment}")
+    return {"table": table, "mlflow": ids, "html": str(root / REPORT_HTML)}
 
 
 # ------------------------------------------------------------------ registry
@@ -320,7 +317,7 @@ STAGES: dict[str, Stage] = {
             "report",
             report,
             (SVM_METRICS, ATTACK_METRICS, ROBUSTNESS_CSV, SVM_MODEL, MANIFEST),
-            (ROBUSTNESS_PNG, RESULTS),
+            (ROBUSTNESS_PNG, RESULTS, REPORT_HTML),
             ("tracking",),
         ),
     )

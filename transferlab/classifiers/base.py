@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
+from transferlab.atomic import atomic_write
 from transferlab.backbones import Backbone, load_backbone
 
 
@@ -53,14 +52,10 @@ def save_classifier(clf: Classifier, folder: Path, *, pretrained: str, extra: di
         "head": {"in_features": head.in_features, "out_features": head.out_features},
         **(extra or {}),
     }
-    for name, write in (
-        ("head.pt", lambda f: torch.save(head.state_dict(), f)),
-        ("meta.json", lambda f: f.write(json.dumps(meta, indent=2).encode())),
-    ):
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, folder / name)
+    with atomic_write(folder / "head.pt") as f:
+        torch.save(head.state_dict(), f)
+    with atomic_write(folder / "meta.json", "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2)
 
 
 def load_classifier(folder: Path) -> Classifier:

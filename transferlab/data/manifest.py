@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from transferlab.atomic import atomic_write
 
 MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "source")
 _INT_COLUMNS = ("width", "height")
@@ -52,18 +52,8 @@ def write_csv_atomic(path: Path, columns: Sequence[str], rows: Iterable[Mapping[
 
     Fixed ``\\n`` line endings and UTF-8 keep the bytes identical across platforms and reruns.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=list(columns), lineterminator="\n")
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({c: row[c] for c in columns})
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path, "w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(columns), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({c: row[c] for c in columns})
