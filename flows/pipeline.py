@@ -15,6 +15,8 @@ from prefect.runtime import flow_run
 from tasks.stages import RETRIES, outputs_present, run_stage
 from transferlab.config import load_params
 from transferlab.stages import STAGES
+from transferlab.tracking import check_tracking_store
+from transferlab.workspace import workspace_lock
 
 
 def lineage_context() -> dict[str, str]:
@@ -29,18 +31,20 @@ def lineage_context() -> dict[str, str]:
 @flow(name="transferlab-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """Pull, split, features, svm, attack, report; returns each stage's summary."""
-    load_params(params_path)  # fail on a bad params file before any work
+    # fail on a bad params file or an unreachable tracking server before any work
+    check_tracking_store(load_params(params_path), Path(workdir))
     workdir = str(Path(workdir).resolve())
     results: dict = {}
-    for name in STAGES:
-        task = run_stage.with_options(
-            name=name,
-            task_run_name=name,
-            retries=RETRIES.get(name, 0),
-            refresh_cache=not outputs_present(name, workdir),
-        )
-        context = lineage_context() if name == "report" else None
-        results[name] = task(name, params_path, workdir, context)
+    with workspace_lock(Path(workdir)):
+        for name in STAGES:
+            task = run_stage.with_options(
+                name=name,
+                task_run_name=name,
+                retries=RETRIES.get(name, 0),
+                refresh_cache=not outputs_present(name, workdir),
+            )
+            context = lineage_context() if name == "report" else None
+            results[name] = task(name, params_path, workdir, context)
     return results
 
 

@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a stage failed (bad data, unreachable server...), 2 bad
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -57,8 +58,11 @@ def _stage_command(name: str, doc: str):
         params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
     ) -> None:
         from transferlab.stages import STAGES
+        from transferlab.workspace import workspace_lock
 
-        summary = STAGES[name].run(_setup(params, verbose, quiet), Path.cwd())
+        loaded = _setup(params, verbose, quiet)
+        with workspace_lock(Path.cwd()):
+            summary = STAGES[name].run(loaded, Path.cwd())
         if not quiet:
             out.print_json(data=summary)
 
@@ -184,8 +188,15 @@ def ui(
     raise typer.Exit(subprocess.call(cmd))
 
 
+def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
+    # Turn SIGTERM into an exception so context managers close: temp files are removed and an
+    # open MLflow run is marked KILLED instead of being left RUNNING.
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 def main() -> None:
     """Console entry point: one clear line per error, tracebacks only with --verbose."""
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         app(standalone_mode=False)
     except ParamsError as exc:
@@ -196,8 +207,8 @@ def main() -> None:
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
-        err.print("aborted")
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        err.print("interrupted: finished outputs are kept; re-run to continue")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a CLI
         if _verbose:

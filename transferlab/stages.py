@@ -233,8 +233,14 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     from transferlab.data import manifest_hash
     from transferlab.html_report import write_html_report
     from transferlab.report import plot_robustness, results_table
-    from transferlab.tracking import MethodRecord, git_state, log_pipeline_run
+    from transferlab.tracking import (
+        MethodRecord,
+        check_tracking_store,
+        git_state,
+        log_pipeline_run,
+    )
 
+    check_tracking_store(params, root)
     rows = _read_robustness(root)
     svm_metrics = read_json(root / SVM_METRICS)
     plot = plot_robustness(rows, root / ROBUSTNESS_PNG)

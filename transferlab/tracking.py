@@ -208,3 +208,30 @@ def ui_command(params: Params, workdir: Path, *, host: str, port: int) -> list[s
         "--port",
         str(port),
     ]
+
+
+class TrackingUnavailable(RuntimeError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def check_tracking_store(params: Params, workdir: Path, *, timeout: float = 5.0) -> str:
+    """Fail fast, before expensive work, when an HTTP tracking server is unreachable.
+
+    A local SQLite or file store needs no server. Returns the tracking URI.
+    """
+    uri = tracking_uri(params, workdir)
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import requests
+
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
+            "MLFLOW_TRACKING_URI to log into the local SQLite store "
+            f"({params.tracking.tracking_uri})"
+        ) from None
+    return uri

@@ -261,6 +261,14 @@ def _summarise(
         log.info("  rejected as %s: %d", kind, n)
     for r in rejected:
         log.debug("rejected %s: %s", r["source"], r["reason"])
+    for label in classes:
+        if not kept[label]:
+            log.warning(
+                "class %r has no usable image (%d rejected) and is left out: add images to its "
+                "folder or remove it",
+                label,
+                rejected_per_class[label],
+            )
 
 
 def _too_few_classes(
