@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
@@ -36,6 +37,15 @@ def atomic_write(path: Path | str, mode: str = "wb", **open_kwargs: Any) -> Iter
         # mkstemp makes 0600 files; give the result the permissions a plain open() would
         os.chmod(tmp, _FILE_MODE)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(
+                exc.errno,
+                f"No space left on device while writing {path}; free space or write "
+                "elsewhere (nothing was changed)",
+            ) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -88,7 +88,10 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: 
 
     Example: transferlab run --params params.yaml
     """
-    _setup(params, verbose, quiet)
+    from transferlab.tracking import check_tracking_store
+
+    # before Prefect even starts: a dead tracking server should cost seconds, not a whole run
+    check_tracking_store(_setup(params, verbose, quiet), Path.cwd())
     from flows.pipeline import pipeline  # the orchestration layer; the library never imports it
 
     result = pipeline(params_path=str(params), workdir=str(Path.cwd()))
@@ -198,7 +201,13 @@ def main() -> None:
     """Console entry point: one clear line per error, tracebacks only with --verbose."""
     signal.signal(signal.SIGTERM, _terminate)
     try:
-        app(standalone_mode=False)
+        # Without standalone mode typer returns (not raises) the exit code of a typer.Exit and
+        # turns Ctrl-C / SIGTERM into 130.
+        code = app(standalone_mode=False)
+        if code == 130:
+            raise KeyboardInterrupt
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except ParamsError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,18 +94,42 @@ def log_pipeline_run(
     import mlflow.pytorch
 
     uri = tracking_uri(params, workdir)
+    with _tracking_to(mlflow, uri):
+        return _log_pipeline_run(
+            mlflow, params, workdir, uri, tags=tags, methods=methods, artifacts=artifacts
+        )
+
+
+@contextmanager
+def _tracking_to(mlflow, uri: str):
+    """Point MLflow's fluent API at ``uri`` for a while. mlflow.set_tracking_uri also exports
+    MLFLOW_TRACKING_URI to the environment, which would send every later run of this process
+    (and its children) to this workspace's store; restore what the user had."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def _log_pipeline_run(mlflow, params, workdir, uri, *, tags, methods, artifacts):
     exp_id = _experiment_id(mlflow, params, workdir, uri)
-    all_tags = dict(tags)
+    workspace = str(workdir.resolve())
+    all_tags = {**tags, "transferlab.workspace": workspace}
+    close_orphaned_runs(mlflow.MlflowClient(uri), exp_id, workspace)
     ids = {"experiment_id": exp_id, "tracking_uri": uri}
-    with mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags=all_tags) as parent:
+    run_tags = {**all_tags, "transferlab.pid": str(os.getpid()), "transferlab.host": _host()}
+    with mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags=run_tags) as parent:
         ids["parent"] = parent.info.run_id
         mlflow.log_params(params.flat())
         for path in artifacts:
             mlflow.log_artifact(str(path))
         for rec in methods:
             with mlflow.start_run(
-                experiment_id=exp_id, run_name=rec.name, nested=True, tags={**all_tags, **rec.tags}
+                experiment_id=exp_id, run_name=rec.name, nested=True, tags={**run_tags, **rec.tags}
             ) as child:
                 ids[rec.name] = child.info.run_id
                 mlflow.log_params({**params.flat(), **rec.params})
@@ -118,6 +143,44 @@ def log_pipeline_run(
                     _log_model(mlflow, rec)
     log.info("logged MLflow run %s to %s", ids["parent"], uri)
     return ids
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def close_orphaned_runs(client, experiment_id: str, workspace: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of this workspace whose process is gone (a SIGKILL or a
+    power cut cannot close its own run). Returns their ids."""
+    closed = []
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=(
+            f"attributes.status = 'RUNNING' and tags.`transferlab.workspace` = '{workspace}'"
+        ),
+    )
+    for run in runs:
+        tags = run.data.tags
+        pid = int(tags.get("transferlab.pid", "0") or 0)
+        if tags.get("transferlab.host") == _host() and pid and _alive(pid):
+            continue
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+    if closed:
+        log.warning("marked %d interrupted MLflow run(s) KILLED: %s", len(closed), closed)
+    return closed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _log_model(mlflow, rec: MethodRecord) -> None:

@@ -1,0 +1,391 @@
+"""Faults while running: signals, a second run, a full disk, a dead server; plus secrets and
+determinism. Each case says what must stay intact."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from tests.conftest import tiny_params, write_workspace
+from tests.reliability.cases import Case
+from tests.reliability.conftest import cli, error_lines, leftovers, tree_digest
+
+pytestmark = pytest.mark.slow
+
+
+def _start(stage: str, ws: Path, log: Path, env=None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "transferlab.cli", stage],
+        cwd=ws,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115 - the child owns it
+        env=env,
+    )
+
+
+def _wait_for(predicate, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the condition never came")
+        time.sleep(0.05)
+
+
+def _shards_load(cache: Path) -> int:
+    n = 0
+    for shard in cache.rglob("shard-*.npz"):
+        with np.load(shard) as z:
+            assert len(z["sha256"]) == len(z["features"])
+        n += 1
+    return n
+
+
+def _features(ws: Path) -> np.ndarray:
+    with np.load(ws / "features/features.npz") as z:
+        return z["features"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "kill-9-during-features",
+            "SIGKILL while extracting features",
+            "re-run completes with the same features",
+            "no corrupt shard; earlier outputs",
+        ).param()
+    ],
+)
+def test_sigkill_during_features(case, workspace_copy, pipeline_workspace, tmp_path):
+    shutil.rmtree(workspace_copy / ".transferlab/cache")
+    (workspace_copy / "features/features.npz").unlink()
+    log = tmp_path / "features.log"
+    proc = _start("features", workspace_copy, log)
+    _wait_for(lambda: "features" in log.read_text() and "img" in log.read_text())
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _shards_load(workspace_copy / ".transferlab/cache")
+    assert not (workspace_copy / "features/features.npz").exists()
+    done = cli("features", cwd=workspace_copy)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(
+        _features(workspace_copy), _features(pipeline_workspace), rtol=1e-4, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "sigterm-during-attack",
+            "SIGTERM while attacking",
+            "exit 130, says re-run",
+            "previous metrics/attack.json, no temp files",
+        ).param()
+    ],
+)
+def test_sigterm_during_attack(case, workspace_copy, tmp_path):
+    params = yaml.safe_load((workspace_copy / "params.yaml").read_text())
+    params["attack"]["eps"] = [f"{k}/255" for k in range(40)]  # long enough to interrupt
+    (workspace_copy / "params.yaml").write_text(yaml.safe_dump(params))
+    before = tree_digest(workspace_copy / "metrics")
+    log = tmp_path / "attack.log"
+    proc = _start("attack", workspace_copy, log)
+    _wait_for(lambda: "attack:" in log.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 130
+    assert "interrupted" in log.read_text()
+    assert tree_digest(workspace_copy / "metrics") == before
+    assert leftovers(workspace_copy) == []
+
+
+def _mlflow_runs(ws: Path, experiment: str = "tiny"):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns.db'}")
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+@pytest.mark.parametrize(
+    ("case", "sig"),
+    [
+        Case(
+            "sigterm-during-report",
+            "SIGTERM while the MLflow run is open",
+            "the run ends FAILED, not RUNNING",
+            "earlier runs",
+        ).param(signal.SIGTERM),
+        Case(
+            "kill-9-during-report",
+            "SIGKILL while the MLflow run is open",
+            "the next report marks it KILLED",
+            "earlier runs",
+        ).param(signal.SIGKILL),
+    ],
+)
+def test_interrupted_report_never_leaves_a_running_run(case, sig, workspace_copy, tmp_path):
+    earlier = {r.info.run_id for r in _mlflow_runs(workspace_copy)}
+    log = tmp_path / "report.log"
+    proc = _start("report", workspace_copy, log)
+
+    def open_run():
+        return any(r.info.status == "RUNNING" for r in _mlflow_runs(workspace_copy))
+
+    _wait_for(open_run)
+    proc.send_signal(sig)
+    proc.wait(timeout=60)
+    if sig == signal.SIGKILL:
+        done = cli("report", cwd=workspace_copy)
+        assert done.returncode == 0, done.stderr
+    statuses = {r.info.run_id: r.info.status for r in _mlflow_runs(workspace_copy)}
+    interrupted = {k: v for k, v in statuses.items() if k not in earlier}
+    assert "RUNNING" not in statuses.values()
+    assert {"FAILED", "KILLED"} & set(interrupted.values()), interrupted
+    assert all(statuses[k] == "FINISHED" for k in earlier)
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "two-runs-one-workspace",
+            "a second stage while one runs in the same folder",
+            "the second exits 1 naming the holder",
+            "the first run and its outputs",
+        ).param()
+    ],
+)
+def test_second_run_in_the_same_workspace_is_refused(case, workspace_copy, tmp_path):
+    log = tmp_path / "first.log"
+    first = _start("attack", workspace_copy, log)
+    _wait_for(
+        lambda: (workspace_copy / ".transferlab/lock").exists() and "attack" in log.read_text()
+    )
+    second = cli("svm", cwd=workspace_copy)
+    assert first.wait(timeout=300) == 0
+    assert second.returncode == 1
+    (line,) = error_lines(second.stderr)
+    assert "another transferlab run" in line and "pid" in line
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "two-runs-one-cache",
+            "two workspaces fill one shared cache at once",
+            "both finish with identical features",
+            "every shard loads",
+        ).param()
+    ],
+)
+def test_two_workspaces_share_one_cache(case, pipeline_workspace, tmp_path):
+    cache = tmp_path / "shared-cache"
+    procs, spaces = [], []
+    for name in ("a", "b"):
+        ws = tmp_path / name
+        shutil.copytree(pipeline_workspace, ws, ignore=shutil.ignore_patterns("lock", "cache"))
+        params = yaml.safe_load((ws / "params.yaml").read_text())
+        params["features"]["cache_dir"] = str(cache)
+        (ws / "params.yaml").write_text(yaml.safe_dump(params))
+        (ws / "features/features.npz").unlink()
+        spaces.append(ws)
+        procs.append(_start("features", ws, tmp_path / f"{name}.log"))
+    assert [p.wait(timeout=600) for p in procs] == [0, 0]
+    np.testing.assert_array_equal(_features(spaces[0]), _features(spaces[1]))
+    assert _shards_load(cache) >= 1
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "parallel-mlflow-sqlite",
+            "4 processes log to one SQLite store at once",
+            "all 4 runs land, no 'database is locked'",
+            "the store",
+        ).param()
+    ],
+)
+def test_parallel_logging_to_sqlite(case, tmp_path):
+    code = (
+        "import mlflow, sys\n"
+        "mlflow.set_tracking_uri(sys.argv[1])\n"
+        "mlflow.set_experiment('parallel')\n"
+        "with mlflow.start_run():\n"
+        "    for i in range(20):\n"
+        "        mlflow.log_metric('m', i, step=i)\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlruns.db'}"
+    # create the schema once: concurrent first-time migrations are not what users hit
+    subprocess.run([sys.executable, "-c", code, uri], check=True, capture_output=True)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE, text=True)
+        for _ in range(4)
+    ]
+    errors = [p.communicate(timeout=300)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, errors
+    assert not any("database is locked" in e for e in errors)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "mlflow-unreachable",
+            "MLFLOW_TRACKING_URI points at a dead server",
+            "fails in seconds, before any work, saying what to do",
+            "no data/ written",
+        ).param()
+    ],
+)
+def test_unreachable_tracking_server_fails_fast(case, tiny_dataset, tmp_path):
+    ws = write_workspace(tmp_path / "ws", tiny_params(tiny_dataset))
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{_free_port()}"}
+    start = time.monotonic()
+    proc = cli("run", cwd=ws, env=env, timeout=120)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc.stderr)
+    assert "unreachable" in line and "MLFLOW_TRACKING_URI" in line
+    assert not (ws / "data").exists()
+    assert time.monotonic() - start < 60
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "disk-full-features",
+            "the cache disk fills up mid-write",
+            "a clear 'no space left' error naming the file",
+            "existing shards, no temp file",
+        ).param()
+    ],
+)
+def test_disk_full_while_writing_features(case, workspace_copy, tmp_path):
+    from transferlab.backbones import load_backbone
+    from transferlab.data import read_manifest
+    from transferlab.features import extract_features
+
+    mount = tmp_path / "small-disk"
+    mount.mkdir()
+    mounted = (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        == 0
+    )
+    if not mounted:
+        pytest.fail("could not mount a small tmpfs (the suite runs as root in CI)")
+    try:
+        rows = read_manifest(workspace_copy / "data/manifest.csv")
+        paths = [workspace_copy / "data" / r["path"] for r in rows]
+        shas = [r["sha256"] for r in rows]
+        backbone = load_backbone("efficientnet_lite0", "package")
+        # a first, small shard fits; the next one does not
+        extract_features(backbone, paths[:2], shas[:2], cache_root=mount)
+        before = tree_digest(mount)
+        with pytest.raises(OSError, match="No space left") as info:
+            extract_features(backbone, paths, shas, cache_root=mount)
+        assert str(mount) in str(info.value)
+        assert tree_digest(mount) == before
+        assert leftovers(mount) == [] and not list(mount.rglob(".*tmp"))
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)
+
+
+@pytest.fixture(scope="module")
+def secret_run(tmp_path_factory, tiny_dataset):
+    """A whole pipeline run with secrets in the environment (and the same params as the
+    shared workspace, for the determinism check)."""
+    from transferlab.config import load_params
+    from transferlab.stages import STAGES
+
+    secrets = {
+        "AWS_ACCESS_KEY_ID": "AKIATRANSFERLABTEST1",
+        "AWS_SECRET_ACCESS_KEY": "tl-secret-6f1c2b9e8d7a",
+        "MLFLOW_TRACKING_TOKEN": "tl-token-3e4d5c6b7a89",
+    }
+    ws = write_workspace(tmp_path_factory.mktemp("secret_ws"), tiny_params(tiny_dataset))
+    saved = {k: os.environ.get(k) for k in secrets}
+    os.environ.update(secrets)
+    try:
+        params = load_params(ws / "params.yaml")
+        for stage in STAGES.values():
+            stage.run(params, ws)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return ws, secrets
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "secrets-never-logged",
+            "S3 keys and a tracking token in the environment",
+            "not in any output, MLflow param/tag or artifact",
+            "-",
+        ).param()
+    ],
+)
+def test_secrets_never_reach_outputs(case, secret_run):
+    ws, secrets = secret_run
+    for path in ws.rglob("*"):
+        if path.is_file():
+            blob = path.read_bytes()
+            for value in secrets.values():
+                assert value.encode() not in blob, f"{value} leaked into {path}"
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        Case(
+            "determinism",
+            "the same params and seed, run twice",
+            "the same split, SVM, FGSM adversarials and metrics",
+            "-",
+        ).param()
+    ],
+)
+def test_same_params_same_results(case, secret_run, pipeline_workspace):
+    from transferlab.attacks import make_attack
+    from transferlab.classifiers import load_classifier
+
+    ws, _ = secret_run
+    for rel in ("data/manifest.csv", "data/split.csv", "metrics/attack.json"):
+        assert (ws / rel).read_bytes() == (pipeline_workspace / rel).read_bytes(), rel
+    a, b = (json.loads((w / "metrics/svm.json").read_text()) for w in (ws, pipeline_workspace))
+    a.pop("fit_seconds"), b.pop("fit_seconds")
+    assert a == b
+    m1, m2 = (load_classifier(w / "models/svm") for w in (ws, pipeline_workspace))
+    for t1, t2 in zip(m1.head.state_dict().values(), m2.head.state_dict().values(), strict=True):
+        assert torch.equal(t1, t2)
+    x = torch.rand(4, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    y = torch.tensor([0, 1, 2, 0])
+    fgsm = make_attack("fgsm", eps=4 / 255)
+    assert torch.equal(fgsm(m1, x, y).x_adv, fgsm(m2, x, y).x_adv)
