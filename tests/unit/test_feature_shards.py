@@ -1,0 +1,42 @@
+"""The shard stage fills the cache; the features stage then only assembles features.npz."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from tests.conftest import tiny_params, write_workspace
+from transferlab import cache, stages
+from transferlab.config import Params
+
+
+def test_shards_fill_the_cache_and_the_stage_assembles_the_same_features(tmp_path, tiny_dataset):
+    params = Params.model_validate(tiny_params(tiny_dataset))
+    direct = write_workspace(tmp_path / "direct", {})
+    sharded = write_workspace(tmp_path / "sharded", {})
+    for ws in (direct, sharded):
+        stages.pull(params, ws)
+    stages.features(params, direct)
+
+    results = [stages.features_shard(params, sharded, i, 3) for i in range(3)]
+    assert sum(r["images"] for r in results) == 24 and all(r["cache_hits"] == 0 for r in results)
+    summary = stages.features(params, sharded)
+    assert summary["cache_hits"] == summary["images"] == 24
+    with np.load(direct / stages.FEATURES) as a, np.load(sharded / stages.FEATURES) as b:
+        assert (a["sha256"] == b["sha256"]).all()
+        np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-5)
+    got = cache.info(sharded / params.features.cache_dir)
+    assert got["last_run"]["features"]["hit_rate"] == 1.0
+    (space,) = got["spaces"].values()
+    assert (
+        space["entries"] == 24
+        and space["shards"] == 3
+        and space["backbone"] == "efficientnet_lite0"
+    )
+
+
+def test_shard_membership_is_by_content_so_new_images_never_move_old_ones():
+    import hashlib
+
+    shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(200)]
+    assert {stages.shard_of(s, 4) for s in shas} == {0, 1, 2, 3}
+    assert all(stages.shard_of(s, 4) == int(s[:8], 16) % 4 for s in shas)
