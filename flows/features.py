@@ -9,6 +9,7 @@ so the runner cannot change the features, only where they are computed.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -79,9 +80,15 @@ def run_feature_shards(params_path: str, workdir: str) -> list[dict]:
     and record the summed hit rate in the cache folder (``transferlab cache info``)."""
     params = load_params(params_path)
     runner = params.runner
-    results = feature_shards.with_options(task_runner=build_task_runner(runner))(
-        params_path, workdir, n_shards(runner)
-    )
+    task_runner = build_task_runner(runner)
+    try:
+        results = feature_shards.with_options(task_runner=task_runner)(
+            params_path, workdir, n_shards(runner)
+        )
+    finally:
+        scratch = (getattr(task_runner, "cluster_kwargs", None) or {}).get("local_directory")
+        if scratch:
+            shutil.rmtree(scratch, ignore_errors=True)
     images = sum(r["images"] for r in results)
     hits = sum(r["cache_hits"] for r in results)
     record_run(

@@ -40,3 +40,26 @@ def test_shard_membership_is_by_content_so_new_images_never_move_old_ones():
     shas = [hashlib.sha256(str(i).encode()).hexdigest() for i in range(200)]
     assert {stages.shard_of(s, 4) for s in shas} == {0, 1, 2, 3}
     assert all(stages.shard_of(s, 4) == int(s[:8], 16) % 4 for s in shas)
+
+
+def test_runner_section_picks_the_task_runner_and_shard_count():
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+    from prefect_ray import RayTaskRunner
+
+    from flows.features import build_task_runner, n_shards
+    from transferlab.config import RunnerParams
+
+    local = RunnerParams()
+    assert isinstance(build_task_runner(local), ThreadPoolTaskRunner) and n_shards(local) == 1
+    dask = RunnerParams(kind="dask", workers=3)
+    runner = build_task_runner(dask)
+    assert isinstance(runner, DaskTaskRunner) and n_shards(dask) == 3
+    # never the default dashboard port or a shared scratch folder
+    assert runner.cluster_kwargs["dashboard_address"] == ":0"
+    assert "transferlab-dask-" in runner.cluster_kwargs["local_directory"]
+    remote = build_task_runner(RunnerParams(kind="dask", address="tcp://127.0.0.1:1"))
+    assert remote.address == "tcp://127.0.0.1:1"
+    ray = build_task_runner(RunnerParams(kind="ray", address="ray://127.0.0.1:1", shards=5))
+    assert isinstance(ray, RayTaskRunner) and ray.address == "ray://127.0.0.1:1"
+    assert n_shards(RunnerParams(kind="ray", shards=5)) == 5
