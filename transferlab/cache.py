@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Sequence
@@ -36,6 +35,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from transferlab.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +62,13 @@ def _fsync_dir(folder: Path) -> None:
 
 
 def atomic_write_bytes(dest: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``dest``, fsync it, rename it into place."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to a temp file beside ``dest``, fsync it, rename it into place.
+
+    The file gets the permissions a plain ``open()`` would (umask), so teammates sharing the
+    cache folder can read it.
+    """
+    with atomic_write(dest) as f:
+        f.write(data)
     _fsync_dir(dest.parent)
 
 
