@@ -98,6 +98,8 @@ def dask_throughput(paths, shas, n_workers: int, n_shards: int, batch: int, cach
     """Images per second of the shard extraction on a LocalCluster with ``n_workers``."""
     from distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.ERROR)  # distributed resets it on import
+
     def shard(i: int) -> int:
         import torch as t
 
