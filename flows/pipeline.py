@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from flows.features import run_feature_shards
 from tasks.stages import RETRIES, outputs_present, run_stage
 from transferlab.config import load_params
 from transferlab.stages import STAGES
@@ -44,6 +45,10 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
                 refresh_cache=not outputs_present(name, workdir),
             )
             context = lineage_context() if name == "report" else None
+            if name == "features":
+                # fill the feature cache shard by shard on the configured runner; the stage
+                # below then only assembles features.npz from the cache
+                run_feature_shards(params_path, workdir)
             results[name] = task(name, params_path, workdir, context)
     return results
 

@@ -11,6 +11,7 @@ import hashlib
 from pathlib import Path
 
 from prefect import task
+from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 import transferlab
@@ -71,3 +72,18 @@ def run_stage(
     params = load_params(params_path)
     root = Path(workdir)
     return fn(params, root, context=context) if stage == "report" else fn(params, root)
+
+
+# ------------------------------------------------------------------ feature shards
+
+
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+def run_feature_shard(params_path: str, workdir: str, shard_index: int, n_shards: int) -> dict:
+    """Fill the feature cache for one manifest shard (no result cache: the feature cache is one).
+
+    Runs wherever the flow's task runner puts it (a thread, a Dask or Ray worker): it reads the
+    workspace and writes the shared cache folder, so both must be reachable from that worker.
+    """
+    from transferlab.stages import features_shard
+
+    return features_shard(load_params(params_path), Path(workdir), shard_index, n_shards)

@@ -98,6 +98,113 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: 
     print_results(result["report"])
 
 
+# ------------------------------------------------------------------ cache commands
+
+cache_app = typer.Typer(
+    help=(
+        "Inspect and maintain the feature cache (features.cache_dir in params.yaml, or "
+        "--cache-dir). A team can share one cache folder on a network disk.\n\n"
+        "  transferlab cache info              # size, entries per key space, last hit rate\n\n"
+        "  transferlab cache verify --repair   # check every shard's digest, drop corrupt ones\n\n"
+        "  transferlab cache gc -m other/data/manifest.csv   # drop unreferenced entries"
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(cache_app, name="cache")
+
+CacheDirOpt = Annotated[
+    Path | None,
+    typer.Option("--cache-dir", help="cache folder (default: features.cache_dir of --params)"),
+]
+
+
+def _cache_root(params: Path, cache_dir: Path | None, verbose: bool, quiet: bool) -> Path:
+    if cache_dir is not None:
+        _setup_logging_only(verbose, quiet)
+        return cache_dir
+    return Path.cwd() / _setup(params, verbose, quiet).features.cache_dir
+
+
+def _setup_logging_only(verbose: bool, quiet: bool) -> None:
+    global _verbose
+    _verbose = verbose
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+
+
+@cache_app.command("info")
+def cache_info(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    cache_dir: CacheDirOpt = None,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Size, shards and entries per key space, and the hit rate of the last run."""
+    from transferlab import cache
+
+    out.print_json(data=cache.info(_cache_root(params, cache_dir, verbose, quiet)))
+
+
+@cache_app.command("verify")
+def cache_verify(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    cache_dir: CacheDirOpt = None,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="delete corrupt shards (re-extracted next run)")
+    ] = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Check every shard's sha256 against its name; exit 1 if any is corrupt (and not repaired).
+
+    Example: transferlab cache verify --repair
+    """
+    from transferlab import cache
+
+    report = cache.verify(_cache_root(params, cache_dir, verbose, quiet), repair=repair)
+    out.print_json(data=report.as_dict())
+    if not report.ok and not repair:
+        raise typer.Exit(1)
+
+
+@cache_app.command("gc")
+def cache_gc(
+    params: ParamsOpt = DEFAULT_PARAMS,
+    cache_dir: CacheDirOpt = None,
+    manifest: Annotated[
+        list[Path] | None,
+        typer.Option("--manifest", "-m", help="another manifest whose images to keep (repeat)"),
+    ] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="count, delete nothing")] = False,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Drop cache entries that no manifest references: this workspace's data/manifest.csv plus
+    every --manifest. Run it while no extraction is filling the cache.
+
+    Example: transferlab cache gc -m ../other-project/data/manifest.csv
+    """
+    from transferlab import cache
+    from transferlab.data import read_manifest
+
+    root = _cache_root(params, cache_dir, verbose, quiet)
+    manifests = list(manifest or [])
+    own = Path.cwd() / "data" / "manifest.csv"
+    if own.is_file():
+        manifests.append(own)
+    if not manifests:
+        raise click.UsageError(
+            "no manifest to keep: run in a workspace with data/manifest.csv or pass --manifest"
+        )
+    keep: set[str] = set()
+    for m in manifests:
+        if not m.is_file():
+            raise click.UsageError(f"manifest not found: {m}")
+        keep.update(r["sha256"] for r in read_manifest(m))
+    report = cache.gc(root, keep, dry_run=dry_run)
+    out.print_json(data={"manifests": [str(m) for m in manifests], **report.as_dict()})
+
+
 def _table(title: str, rows: list[dict]) -> Table:
     table = Table(title=title)
     keys = list(dict.fromkeys(k for row in rows for k in row))

@@ -107,10 +107,13 @@ class FeaturesParams(Section):
     backbone: str = "efficientnet_lite0"
     # package: weights a pip package ships; hub: timm/torchvision download; file:<path>; none
     pretrained: str = "package"
-    batch_size: int = Field(16, ge=1)
+    batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 16
     num_workers: int = Field(0, ge=0)
-    precision: Literal["fp32", "bf16"] = "fp32"
+    # auto: bf16 autocast where the hardware computes it natively and a probe on the real
+    # images finds it faster and in agreement with fp32 (transferlab.features.resolve_precision)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     cache_dir: Path = Path(".transferlab/cache")
+    compile: bool = Field(False, description="torch.compile the backbone for large extractions")
 
     @field_validator("pretrained")
     @classmethod
@@ -179,6 +182,21 @@ class TrackingParams(Section):
     artifact_dir: Path = Path("mlartifacts")
 
 
+# ---------------------------------------------------------------- runner
+
+
+class RunnerParams(Section):
+    """Where the Prefect flow runs the feature shards (it never changes the features)."""
+
+    kind: Literal["local", "dask", "ray"] = "local"
+    # an existing cluster: dask "tcp://host:8786", ray "ray://host:10001"; null starts a local one
+    address: str | None = None
+    workers: int = Field(2, ge=1, description="workers of the local cluster (no address)")
+    shards: int | None = Field(
+        None, ge=1, description="manifest shards to map over (null: 1 local, else workers)"
+    )
+
+
 class Params(Section):
     data: DataParams = Field(default_factory=DataParams)
     split: SplitParams = Field(default_factory=SplitParams)
@@ -186,6 +204,7 @@ class Params(Section):
     svm: SvmParams = Field(default_factory=SvmParams)
     attack: AttackParams = Field(default_factory=AttackParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
+    runner: RunnerParams = Field(default_factory=RunnerParams)
 
     def section_hash(self, *names: str) -> str:
         """Digest of the named sections (all when none): what a stage's cache depends on."""

@@ -1,10 +1,10 @@
-"""Batched feature extraction with a content-addressed, append-only cache.
+"""Batched feature extraction through the content-addressed cache (``transferlab.cache``).
 
 The cache key of one feature vector is (key space, image sha256), where the key space digests the
 backbone name, its weights, the preprocessing signature, the layer and the dtype. A change to any
-of those lands in a fresh key space, so stale features are never served. Each extraction appends
-one shard (``.npz``: ``sha256`` + ``features``), written to a temp file and renamed, so a kill
-mid-write leaves no corrupt shard and two processes filling one cache never clash.
+of those lands in a fresh key space, so stale features are never served. Only images the cache
+has not seen are decoded (in DataLoader workers) and run through the backbone (channels_last,
+inference mode, optionally bf16/fp16 autocast and ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import platform
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +26,32 @@ from tqdm.auto import tqdm
 
 from transferlab.atomic import atomic_write
 from transferlab.backbones import Backbone, BackboneSpec, preprocess_transform
+from transferlab.cache import FeatureCache, atomic_write_json, record_run
 from transferlab.data import open_rgb
+
+__all__ = [
+    "ExtractStats",
+    "FeatureCache",
+    "atomic_save_npz",
+    "bf16_capable",
+    "extract_features",
+    "key_space",
+    "load_images",
+    "resolve_batch_size",
+    "resolve_precision",
+]
 
 log = logging.getLogger(__name__)
 
 LAYER = "pooled"
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+# bf16 must agree with fp32 this well on real images to be picked by `auto` (the issue's bar)
+AGREE_MEAN_COS = 0.999
+AGREE_MIN_COS = 0.99
+# ... and be at least this much faster, or fp32 (exact) wins
+AUTO_MIN_SPEEDUP = 1.15
+# torch.compile costs tens of seconds on a CPU; below this many new images it cannot pay off
+COMPILE_MIN_IMAGES = 512
 
 
 def atomic_save_npz(dest: Path, /, **arrays: np.ndarray) -> None:
@@ -37,72 +60,171 @@ def atomic_save_npz(dest: Path, /, **arrays: np.ndarray) -> None:
         np.savez(f, **arrays)
 
 
+def _space_meta(backbone: Backbone, background: tuple[int, int, int], precision: str) -> dict:
+    return {
+        "backbone": backbone.name,
+        "weights": backbone.weights_digest,
+        "preprocessing": backbone.spec.preprocessing_signature,
+        "background": list(background),
+        "layer": LAYER,
+        "dtype": precision,
+    }
+
+
 def key_space(backbone: Backbone, *, background: tuple[int, int, int], precision: str) -> str:
     """Digest of everything besides the image that determines a feature vector."""
-    blob = json.dumps(
-        {
-            "backbone": backbone.name,
-            "weights": backbone.weights_digest,
-            "preprocessing": backbone.spec.preprocessing_signature,
-            "background": list(background),
-            "layer": LAYER,
-            "dtype": precision,
-        },
-        sort_keys=True,
-    )
+    blob = json.dumps(_space_meta(backbone, tuple(background), precision), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
-@dataclass
-class FeatureCache:
-    """Features by image sha256 inside one key space of a cache folder."""
+# ------------------------------------------------------------------ hardware choices
 
-    root: Path
-    space: str
-    hits: int = 0
-    misses: int = 0
-    _index: dict[str, tuple[Path, int]] = field(default_factory=dict, repr=False)
 
-    @property
-    def folder(self) -> Path:
-        return self.root / self.space
+@cache
+def _cpu_flags() -> frozenset[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
-    def refresh(self) -> None:
-        """Rebuild the in-memory index from the shards on disk."""
-        self._index.clear()
-        for shard in sorted(self.folder.glob("shard-*.npz")):
-            with np.load(shard) as z:
-                for row, sha in enumerate(z["sha256"].tolist()):
-                    self._index.setdefault(sha, (shard, row))
 
-    def __contains__(self, sha: str) -> bool:
-        return sha in self._index
+def bf16_capable(device: torch.device) -> bool:
+    """Whether the device computes bf16 natively (so autocast can be faster, not emulated).
 
-    def get(self, shas: Sequence[str]) -> np.ndarray:
-        """Stack cached features for ``shas`` (all must be present), in order."""
-        by_shard: dict[Path, list[tuple[int, int]]] = {}
-        for i, sha in enumerate(shas):
-            shard, row = self._index[sha]
-            by_shard.setdefault(shard, []).append((i, row))
-        out: np.ndarray | None = None
-        for shard, pairs in by_shard.items():
-            with np.load(shard) as z:
-                feats = z["features"]
-            if out is None:
-                out = np.empty((len(shas), feats.shape[1]), dtype=np.float32)
-            idx, rows = zip(*pairs, strict=True)
-            out[list(idx)] = feats[list(rows)]
-        return out if out is not None else np.empty((0, 0), dtype=np.float32)
+    CPUs: AMX (``amx_bf16``) or AVX-512-BF16 (``avx512_bf16``) in /proc/cpuinfo. CUDA: what
+    ``torch.cuda.is_bf16_supported()`` says (Ampere and newer).
+    """
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
+    return False
 
-    def put(self, shas: Sequence[str], features: np.ndarray) -> Path:
-        """Append one shard; its name is a digest of its content (idempotent)."""
-        shas_arr = np.asarray(shas)
-        digest = hashlib.sha256("".join(shas).encode() + features.tobytes()).hexdigest()[:16]
-        shard = self.folder / f"shard-{digest}.npz"
-        atomic_save_npz(shard, sha256=shas_arr, features=features.astype(np.float32))
-        for row, sha in enumerate(shas):
-            self._index.setdefault(sha, (shard, row))
-        return shard
+
+def _device_tag(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    # the verdict depends on the instruction set and on how many threads share the work
+    isa = "+".join(sorted({"amx_bf16", "avx512_bf16"} & _cpu_flags())) or "none"
+    return f"cpu:{platform.machine()}:{isa}:threads={torch.get_num_threads()}"
+
+
+def cosine_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
+    """(mean, min) row-wise cosine similarity of two (N, D) feature matrices."""
+    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+    cos = (a * b).sum(axis=1)
+    return float(cos.mean()), float(cos.min())
+
+
+def _timed_features(model: Backbone, x: torch.Tensor, precision: str, reps: int = 2):
+    dtype = AUTOCAST[precision]
+    with (
+        torch.inference_mode(),
+        torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+    ):
+        out = model.features(x).float()  # warm-up: kernels, allocator
+        start = time.perf_counter()
+        for _ in range(reps):
+            out = model.features(x).float()
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+    return (time.perf_counter() - start) / reps, out.cpu().numpy()
+
+
+def probe_bf16(backbone: Backbone, x: torch.Tensor) -> dict:
+    """Time fp32 against bf16 autocast on real images and measure their agreement.
+
+    Args:
+        x: (N, 3, S, S) images in [0, 1], already on the backbone's device.
+
+    Returns:
+        ``{"speedup", "mean_cos", "min_cos", "choice"}``; choice is ``bf16`` only when it is
+        at least ``AUTO_MIN_SPEEDUP`` faster and agrees (mean/min cosine bars).
+    """
+    model = backbone.to(memory_format=torch.channels_last).eval()
+    x = x.contiguous(memory_format=torch.channels_last)
+    t32, f32 = _timed_features(model, x, "fp32")
+    t16, f16 = _timed_features(model, x, "bf16")
+    mean_cos, min_cos = cosine_agreement(f32, f16)
+    speedup = t32 / t16
+    good = speedup >= AUTO_MIN_SPEEDUP and mean_cos >= AGREE_MEAN_COS and min_cos >= AGREE_MIN_COS
+    return {
+        "speedup": round(speedup, 3),
+        "mean_cos": mean_cos,
+        "min_cos": min_cos,
+        "choice": "bf16" if good else "fp32",
+    }
+
+
+def resolve_precision(
+    requested: str,
+    backbone: Backbone,
+    sample: Sequence[Path],
+    *,
+    cache_root: Path,
+    background=(255, 255, 255),
+    batch_size: int = 16,
+) -> str:
+    """Turn ``auto`` into ``fp32`` or ``bf16``; other values pass through.
+
+    ``auto`` is ``fp32`` unless the device computes bf16 natively; then a probe on up to one batch
+    of the real images (``sample``) decides, and its verdict is stored in the cache folder
+    (``precision.json``, per backbone, weights, device and torch version) so it runs once.
+    """
+    if requested != "auto":
+        return requested
+    device = next(backbone.parameters()).device
+    if not bf16_capable(device):
+        return "fp32"
+    key = f"{backbone.name}|{backbone.weights_digest}|{_device_tag(device)}|{torch.__version__}"
+    store = Path(cache_root) / "precision.json"
+    try:
+        known = json.loads(store.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    if key in known:
+        return known[key]["choice"]
+    if not sample:
+        return "fp32"
+    x = load_images(list(sample)[:batch_size], backbone.spec, background=background).to(device)
+    verdict = probe_bf16(backbone, x)
+    log.info(
+        "precision auto: %s (bf16 %.2fx, cosine mean %.5f min %.5f)",
+        verdict["choice"],
+        verdict["speedup"],
+        verdict["mean_cos"],
+        verdict["min_cos"],
+    )
+    known[key] = verdict
+    atomic_write_json(store, known)
+    return verdict["choice"]
+
+
+def resolve_batch_size(requested: int | str, backbone: Backbone) -> int:
+    """``auto``: 16 on a CPU (it beat 64 here: cache-sized activations); on a GPU the largest
+    power of two up to 256 whose forward pass fits in memory."""
+    if requested != "auto":
+        return int(requested)
+    device = next(backbone.parameters()).device
+    if device.type != "cuda":
+        return 16
+    size = backbone.spec.input_size
+    for bs in (256, 128, 64, 32, 16):
+        try:
+            with torch.inference_mode():
+                backbone.features(torch.zeros(bs, 3, size, size, device=device))
+            return bs
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+    return 8
+
+
+# ------------------------------------------------------------------ decoding
 
 
 class _ImageFiles(Dataset):
@@ -134,24 +256,34 @@ def _extract(
     num_workers: int,
     precision: str,
     background,
+    compile: bool = False,
 ) -> np.ndarray:
+    device = next(backbone.parameters()).device
+    on_gpu = device.type == "cuda"
     loader = DataLoader(
         _ImageFiles(paths, backbone.spec, background),
         batch_size=batch_size,
         num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
+        pin_memory=on_gpu,  # page-locked host batches, so the copy below overlaps compute
+        persistent_workers=False,
+        prefetch_factor=4 if num_workers else None,
     )
-    device = next(backbone.parameters()).device
     model = backbone.to(memory_format=torch.channels_last).eval()
+    run = model.features
+    if compile and len(paths) >= COMPILE_MIN_IMAGES:
+        run = torch.compile(model.features, dynamic=False)
+    elif compile:
+        log.info("torch.compile skipped: %d images cannot pay for compiling", len(paths))
+    dtype = AUTOCAST[precision]
     chunks: list[np.ndarray] = []
     with (
         torch.inference_mode(),
-        torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"),
-        tqdm(total=len(paths), unit="img", desc=f"features {backbone.name}") as bar,
+        torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
+        tqdm(total=len(paths), unit="img", desc=f"features {backbone.name} {precision}") as bar,
     ):
         for x in loader:
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-            chunks.append(model.features(x).float().cpu().numpy())
+            x = x.to(device, non_blocking=on_gpu).contiguous(memory_format=torch.channels_last)
+            chunks.append(run(x).float().cpu().numpy())
             bar.update(len(x))
     return np.concatenate(chunks) if chunks else np.empty((0, backbone.feature_dim), np.float32)
 
@@ -162,6 +294,9 @@ class ExtractStats:
     hits: int
     misses: int
     seconds: float
+    precision: str = "fp32"
+    batch_size: int = 16
+    space: str = ""
 
     @property
     def hit_rate(self) -> float:
@@ -174,23 +309,33 @@ def extract_features(
     shas: Sequence[str],
     *,
     cache_root: Path,
-    batch_size: int = 16,
+    batch_size: int | str = 16,
     num_workers: int = 0,
     precision: str = "fp32",
     background=(255, 255, 255),
+    compile: bool = False,
+    record: bool = True,
 ) -> tuple[np.ndarray, ExtractStats]:
     """Features for every image, computing only those the cache has not seen.
 
     Args:
         paths: image files, aligned with ``shas`` (their content digests).
+        precision: ``fp32 | bf16 | fp16`` autocast, or ``auto`` (see ``resolve_precision``).
+        batch_size: an int, or ``auto`` (see ``resolve_batch_size``).
+        record: write this run's hit/miss counts to ``<cache_root>/last_run.json``.
 
     Returns:
         (N, D) float32 features in input order, and hit/miss counts.
     """
     start = time.perf_counter()
-    cache = FeatureCache(
-        Path(cache_root), key_space(backbone, background=background, precision=precision)
+    cache_root = Path(cache_root)
+    background = tuple(background)
+    bs = resolve_batch_size(batch_size, backbone)
+    precision = resolve_precision(
+        precision, backbone, paths, cache_root=cache_root, background=background, batch_size=bs
     )
+    space = key_space(backbone, background=background, precision=precision)
+    cache = FeatureCache(cache_root, space)
     cache.refresh()
     todo = [i for i, sha in enumerate(shas) if sha not in cache]
     unique_todo = list({shas[i]: i for i in todo}.values())
@@ -199,16 +344,35 @@ def extract_features(
         feats = _extract(
             backbone,
             [paths[i] for i in unique_todo],
-            batch_size=batch_size,
+            batch_size=bs,
             num_workers=num_workers,
             precision=precision,
             background=background,
+            compile=compile,
         )
+        cache.describe(_space_meta(backbone, background, precision))
         cache.put([shas[i] for i in unique_todo], feats)
     stats = ExtractStats(
         images=len(shas),
         hits=len(shas) - len(todo),
         misses=len(todo),
         seconds=time.perf_counter() - start,
+        precision=precision,
+        batch_size=bs,
+        space=space,
     )
+    if record:
+        record_run(
+            cache_root,
+            {
+                "images": stats.images,
+                "hits": stats.hits,
+                "misses": stats.misses,
+                "hit_rate": stats.hit_rate,
+                "seconds": round(stats.seconds, 3),
+                "backbone": backbone.name,
+                "precision": precision,
+                "space": space,
+            },
+        )
     return cache.get(shas), stats

@@ -77,16 +77,13 @@ def _split_rows(root: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def features(params: Params, root: Path) -> dict:
-    """Frozen-backbone features for every manifest image, through the content-addressed cache."""
+def _extract_rows(params: Params, root: Path, rows: list[dict], *, record: bool = True):
     from transferlab.backbones import load_backbone
-    from transferlab.data import read_manifest
-    from transferlab.features import atomic_save_npz, extract_features
+    from transferlab.features import extract_features
 
     fp = params.features
-    rows = read_manifest(root / MANIFEST)
     backbone = load_backbone(fp.backbone, fp.pretrained)
-    feats, stats = extract_features(
+    return extract_features(
         backbone,
         [root / "data" / r["path"] for r in rows],
         [r["sha256"] for r in rows],
@@ -95,7 +92,53 @@ def features(params: Params, root: Path) -> dict:
         num_workers=fp.num_workers,
         precision=fp.precision,
         background=params.data.background,
+        compile=fp.compile,
+        record=record,
     )
+
+
+def shard_of(sha256: str, n_shards: int) -> int:
+    """The shard an image belongs to: by content, so adding images never moves the others."""
+    return int(sha256[:8], 16) % n_shards
+
+
+def features_shard(params: Params, root: Path, shard_index: int, n_shards: int) -> dict:
+    """Fill the feature cache for one shard of the manifest (what the flow maps over workers).
+
+    ``features`` then assembles ``features/features.npz`` from the cache without extracting.
+    """
+    from transferlab.data import read_manifest
+
+    if not 0 <= shard_index < n_shards:
+        raise ValueError(f"shard_index {shard_index} is outside 0..{n_shards - 1}")
+    rows = [
+        r for r in read_manifest(root / MANIFEST) if shard_of(r["sha256"], n_shards) == shard_index
+    ]
+    # the flow records the hit rate summed over shards; one shard's own would mislead
+    _, stats = _extract_rows(params, root, rows, record=False)
+    log.info(
+        "features shard %d/%d: %d images, %d from cache, %.1f s",
+        shard_index,
+        n_shards,
+        stats.images,
+        stats.hits,
+        stats.seconds,
+    )
+    return {
+        "shard": shard_index,
+        "images": stats.images,
+        "cache_hits": stats.hits,
+        "seconds": round(stats.seconds, 3),
+    }
+
+
+def features(params: Params, root: Path) -> dict:
+    """Frozen-backbone features for every manifest image, through the content-addressed cache."""
+    from transferlab.data import read_manifest
+    from transferlab.features import atomic_save_npz
+
+    rows = read_manifest(root / MANIFEST)
+    feats, stats = _extract_rows(params, root, rows)
     atomic_save_npz(
         root / FEATURES,
         features=feats,
@@ -104,7 +147,12 @@ def features(params: Params, root: Path) -> dict:
         label=np.array([r["label"] for r in rows]),
     )
     log.info("features: %d images, %d from cache, %.1f s", stats.images, stats.hits, stats.seconds)
-    return {"images": stats.images, "cache_hits": stats.hits, "seconds": round(stats.seconds, 3)}
+    return {
+        "images": stats.images,
+        "cache_hits": stats.hits,
+        "seconds": round(stats.seconds, 3),
+        "precision": stats.precision,
+    }
 
 
 def _labelled_features(root: Path) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:

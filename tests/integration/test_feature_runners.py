@@ -1,0 +1,149 @@
+"""The flow's feature shards on real Dask clusters give the local features (float tolerance)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO, tiny_params, write_workspace
+from transferlab import stages
+from transferlab.config import Params, load_params
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_workers(address: str, n: int, timeout: float = 120) -> None:
+    from distributed import Client
+
+    with Client(address, timeout=timeout) as client:
+        client.wait_for_workers(n, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def dask_cluster(tmp_path_factory):
+    """A real `dask scheduler` and 2 `dask worker` processes on 127.0.0.1."""
+    scratch = tmp_path_factory.mktemp("dask")
+    port = free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    # the workers import tasks/ and transferlab/ from this checkout
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    bindir = Path(sys.executable).parent
+    procs = [
+        subprocess.Popen(
+            [
+                bindir / "dask",
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-dashboard",
+            ],
+            env=env,
+            cwd=scratch,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    ]
+    for i in range(2):
+        procs.append(
+            subprocess.Popen(
+                [
+                    bindir / "dask",
+                    "worker",
+                    address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--no-dashboard",
+                    "--local-directory",
+                    str(scratch / f"w{i}"),
+                    "--name",
+                    f"w{i}",
+                ],
+                env=env,
+                cwd=scratch,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        wait_for_workers(address, 2)
+        yield address
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def prefect_api():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=60):
+        yield
+
+
+@pytest.fixture(scope="module")
+def local_features(tmp_path_factory, tiny_dataset) -> np.ndarray:
+    params = Params.model_validate(tiny_params(tiny_dataset))
+    ws = write_workspace(tmp_path_factory.mktemp("local"), {})
+    stages.pull(params, ws)
+    stages.features(params, ws)
+    with np.load(ws / stages.FEATURES) as z:
+        return z["features"]
+
+
+def run_through(ws: Path, tiny_dataset, runner: dict) -> tuple[dict, np.ndarray, list[dict]]:
+    from flows.features import run_feature_shards
+
+    write_workspace(ws, tiny_params(tiny_dataset, runner=runner))
+    params = load_params(ws / "params.yaml")
+    stages.pull(params, ws)
+    shards = run_feature_shards(str(ws / "params.yaml"), str(ws))
+    summary = stages.features(params, ws)
+    with np.load(ws / stages.FEATURES) as z:
+        return summary, z["features"], shards
+
+
+def test_external_dask_cluster_gives_the_local_features(
+    tmp_path, tiny_dataset, dask_cluster, prefect_api, local_features
+):
+    summary, feats, shards = run_through(
+        tmp_path / "ws", tiny_dataset, {"kind": "dask", "address": dask_cluster, "shards": 2}
+    )
+    assert len(shards) == 2 and sum(s["images"] for s in shards) == 24
+    # every image was computed on the cluster; the stage only assembled
+    assert summary["cache_hits"] == summary["images"] == 24
+    np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
+
+
+def test_local_dask_cluster_gives_the_local_features(
+    tmp_path, tiny_dataset, prefect_api, local_features
+):
+    start = time.perf_counter()
+    summary, feats, shards = run_through(
+        tmp_path / "ws", tiny_dataset, {"kind": "dask", "workers": 2}
+    )
+    assert len(shards) == 2 and summary["cache_hits"] == 24, time.perf_counter() - start
+    np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
