@@ -76,6 +76,8 @@ _stage_command(
 _stage_command("split", "Stratified, seeded train/val/test split: data/split.csv.")
 _stage_command("features", "Frozen-backbone features (cached by image content): features/.")
 _stage_command("svm", "Linear SVM (liblinear) on the features, C by cross-validation: models/svm/.")
+_stage_command("top", "A new head on the frozen backbone (SGD, early stopping): models/top/.")
+_stage_command("full", "Full fine-tuning, checkpointed every epoch, resumable: models/full/.")
 _stage_command("attack", "FGSM over the eps sweep on each adapted model: metrics/attack.json.")
 _stage_command("report", "Plots, reports/results.json, and one MLflow run with the lineage.")
 

@@ -33,6 +33,8 @@ class MethodRecord:
     model: object | None = None  # an nn.Module, logged with mlflow.pytorch
     input_example: object | None = None  # numpy array for the model signature
     artifacts: list[Path] = field(default_factory=list)
+    # registered in the Model Registry under this name, alias "candidate" (None: not registered)
+    registered_name: str | None = None
 
 
 def tracking_uri(params: Params, workdir: Path) -> str:
@@ -109,18 +111,20 @@ def log_pipeline_run(
                 ids[rec.name] = child.info.run_id
                 mlflow.log_params({**params.flat(), **rec.params})
                 mlflow.log_metrics(rec.metrics)
-                for key, points in rec.series.items():
-                    for step, value in points:
-                        mlflow.log_metric(key, value, step=step)
+                log_series(mlflow.MlflowClient(), child.info.run_id, rec.series)
                 for path in rec.artifacts:
                     mlflow.log_artifact(str(path))
                 if rec.model is not None:
-                    _log_model(mlflow, rec)
+                    info = _log_model(mlflow, rec)
+                    if rec.registered_name:
+                        ids[f"{rec.name}.version"] = register_candidate(
+                            mlflow, info.model_uri, rec.registered_name
+                        )
     log.info("logged MLflow run %s to %s", ids["parent"], uri)
     return ids
 
 
-def _log_model(mlflow, rec: MethodRecord) -> None:
+def _log_model(mlflow, rec: MethodRecord):
     from mlflow.models import infer_signature
 
     signature = None
@@ -131,7 +135,7 @@ def _log_model(mlflow, rec: MethodRecord) -> None:
             out = rec.model(torch.from_numpy(rec.input_example)).numpy()
         signature = infer_signature(rec.input_example, out)
     package_dir = Path(__file__).resolve().parent
-    mlflow.pytorch.log_model(
+    return mlflow.pytorch.log_model(
         rec.model,
         name="model",
         pip_requirements=MODEL_REQUIREMENTS,

@@ -168,3 +168,26 @@ def atomic_torch_save(obj: object, dest: Path) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def split_metrics(
+    preds: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes: list[str]
+) -> dict:
+    """Accuracy per split, and per-class accuracy + confusion matrix on test.
+
+    Args:
+        preds, labels: split name ("train" | "val" | "test") -> (N,) int arrays.
+
+    Returns:
+        {"<split>_acc": float | None, "per_class_test_acc": {class: acc | None},
+        "confusion_test": rows = true class, columns = predicted class}.
+    """
+    out: dict = {f"{s}_acc": accuracy(preds[s], labels[s]) for s in preds}
+    y, p = labels.get("test", np.zeros(0, int)), preds.get("test", np.zeros(0, int))
+    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(cm, (y, p), 1)
+    out["confusion_test"] = cm.tolist()
+    out["per_class_test_acc"] = {
+        c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(classes)
+    }
+    return out

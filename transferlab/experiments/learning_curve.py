@@ -160,11 +160,12 @@ def run_learning_curve(
                 }
             )
 
-            steps = math.ceil(len(sub) / full.batch_size)
+            steps = math.ceil(len(sub) / lc.full_batch_size)
             epochs = max(lc.full_epochs, math.ceil(lc.full_min_steps / steps))
             fp = full.model_copy(
                 update={
                     "epochs": epochs,
+                    "batch_size": lc.full_batch_size,
                     "seed": seed,
                     "resume": False,
                     "image_size": lc.image_size,
