@@ -17,7 +17,8 @@ COMPARED = ("metrics/svm.json", "metrics/attack.json")
 
 
 def sh(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    # eight stages incl. fine-tuning and three logged models: generous for a shared 2-core CPU
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
