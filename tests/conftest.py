@@ -59,7 +59,15 @@ def tiny_params(dataset: Path, **overrides) -> dict:
         "split": {"seed": 0, "val": 0.0, "test": 0.25},
         "features": {"backbone": "efficientnet_lite0", "pretrained": "package", "batch_size": 8},
         "svm": {"C": [0.01, 0.1], "cv": 2},
-        "attack": {"eps": ["0", "2/255", "8/255"], "report_eps": "2/255", "max_images": 6},
+        "top": {"epochs": 10},
+        "full": {"epochs": 1, "image_size": 64, "batch_size": 8},
+        "attack": {
+            # top attacks exactly like svm (frozen backbone + linear head): skip it, save CPU
+            "models": ["svm", "full"],
+            "eps": ["0", "2/255", "8/255"],
+            "report_eps": "2/255",
+            "max_images": 6,
+        },
         "tracking": {"experiment": "tiny"},
     }
     for section, values in overrides.items():

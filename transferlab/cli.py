@@ -76,8 +76,31 @@ _stage_command(
 _stage_command("split", "Stratified, seeded train/val/test split: data/split.csv.")
 _stage_command("features", "Frozen-backbone features (cached by image content): features/.")
 _stage_command("svm", "Linear SVM (liblinear) on the features, C by cross-validation: models/svm/.")
+_stage_command("top", "A new head on the frozen backbone (SGD, early stopping): models/top/.")
+_stage_command("full", "Full fine-tuning, checkpointed every epoch, resumable: models/full/.")
 _stage_command("attack", "FGSM over the eps sweep on each adapted model: metrics/attack.json.")
 _stage_command("report", "Plots, reports/results.json, and one MLflow run with the lineage.")
+
+experiment_app = typer.Typer(help="Experiments that compare the adaptation methods.")
+app.add_typer(experiment_app, name="experiment")
+
+
+@experiment_app.command("learning-curve")
+def learning_curve(
+    params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
+) -> None:
+    """svm vs top vs full on few-shot Fashion-MNIST subsets (params: learning_curve).
+
+    Writes <out_dir>/runs.csv, summary.md and curve.png and logs to MLflow.
+
+    Example: transferlab experiment learning-curve --params params.yaml
+    """
+    from transferlab.experiments.learning_curve import learning_curve_experiment
+
+    result = learning_curve_experiment(_setup(params, verbose, quiet), Path.cwd())
+    if not quiet:
+        out.print_json(data={k: v for k, v in result.items() if k != "summary"})
+        out.print(Path(result["table"]).read_text())
 
 
 @app.command()

@@ -148,11 +148,77 @@ class SvmParams(Section):
         return v
 
 
+class TopParams(Section):
+    """A new head on the frozen backbone (``classifiers/top.py``)."""
+
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(256, ge=1, description="MLP hidden units")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    # SGD with momentum at a small lr is the seed's advice; rmsprop is allowed but warned about
+    optimizer: Literal["sgd", "rmsprop"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    patience: int = Field(5, ge=1, description="early stopping: epochs without val improvement")
+    # off: train on the cached features (same result, far faster); on: through the backbone
+    augment: bool = False
+    seed: int = 0
+
+
+class FullParams(Section):
+    """Full fine-tuning of backbone + head (``classifiers/full.py``)."""
+
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(256, ge=1)
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    optimizer: Literal["sgd", "rmsprop"] = "sgd"
+    lr: float = Field(0.01, gt=0.0, description="head learning rate")
+    backbone_lr_ratio: float = Field(0.1, gt=0.0, le=1.0, description="backbone lr = lr * this")
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    warmup_epochs: float = Field(0.5, ge=0.0, description="linear warmup, then cosine decay")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    # epoch 0 trains the head only; each later epoch unfreezes one more backbone group (top down)
+    gradual_unfreeze: bool = False
+    unfreeze_groups: int = Field(4, ge=1)
+    # keep BatchNorm statistics frozen: small batches make them noisy
+    bn_train: bool = False
+    patience: int = Field(3, ge=1)
+    augment: bool = True
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU and AMX CPUs
+    image_size: int | None = Field(128, ge=16, description="input px (null: the backbone's)")
+    resume: bool = True
+    seed: int = 0
+
+
+class LearningCurveParams(Section):
+    """``transferlab experiment learning-curve``: all three methods on the same few-shot subsets
+    of Fashion-MNIST (Debian ``dataset-fashion-mnist`` IDX files), one held-out test set."""
+
+    idx_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+    n_per_class: tuple[int, ...] = (1, 5, 25, 100)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    test_per_class: int = Field(20, ge=1)
+    # every method sees the same upscaled images; small, because full fine-tuning runs on a CPU
+    image_size: int = Field(32, ge=16)
+    top_epochs: int = Field(60, ge=1)
+    full_epochs: int = Field(1, ge=1)
+    full_batch_size: int = Field(32, ge=1)
+    full_min_steps: int = Field(10, ge=1, description="more epochs for tiny subsets")
+    out_dir: Path = Path("docs/learning_curve")
+
+
 # ---------------------------------------------------------------- attacks
 
 
 class AttackParams(Section):
-    models: tuple[Literal["svm"], ...] = ("svm",)
+    models: tuple[Literal["svm", "top", "full"], ...] = ("svm",)
     attacks: tuple[Literal["fgsm"], ...] = ("fgsm",)
     eps: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
     report_eps: float = 4 / 255
@@ -202,6 +268,9 @@ class Params(Section):
     split: SplitParams = Field(default_factory=SplitParams)
     features: FeaturesParams = Field(default_factory=FeaturesParams)
     svm: SvmParams = Field(default_factory=SvmParams)
+    top: TopParams = Field(default_factory=TopParams)
+    full: FullParams = Field(default_factory=FullParams)
+    learning_curve: LearningCurveParams = Field(default_factory=LearningCurveParams)
     attack: AttackParams = Field(default_factory=AttackParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     runner: RunnerParams = Field(default_factory=RunnerParams)

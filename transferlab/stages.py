@@ -29,6 +29,12 @@ SPLIT = "data/split.csv"
 FEATURES = "features/features.npz"
 SVM_MODEL = "models/svm"
 SVM_METRICS = "metrics/svm.json"
+TOP_MODEL = "models/top"
+TOP_METRICS = "metrics/top.json"
+FULL_MODEL = "models/full"
+FULL_METRICS = "metrics/full.json"
+FULL_CHECKPOINT = ".transferlab/checkpoints/full.pt"
+CONFUSION_DIR = "plots/confusion"
 ATTACK_METRICS = "metrics/attack.json"
 ROBUSTNESS_CSV = "plots/robustness.csv"
 ROBUSTNESS_PNG = "plots/robustness.png"
@@ -207,21 +213,48 @@ def svm(params: Params, root: Path) -> dict:
             if len(data[f"y_{part}"])
             else None
         )
+    from transferlab.classifiers.training import split_metrics
+
+    parts = ("train", "val", "test")
+    extra = split_metrics(
+        {
+            p: fit.pipeline.predict(data[f"x_{p}"]) if len(data[f"y_{p}"]) else data[f"y_{p}"]
+            for p in parts
+        },
+        {p: data[f"y_{p}"] for p in parts},
+        classes,
+    )
+    metrics.update({k: v for k, v in extra.items() if k not in metrics})
     backbone = load_backbone(params.features.backbone, params.features.pretrained)
     clf = Classifier(backbone, svm_to_linear(fit.pipeline), classes, "svm")
     save_classifier(clf, root / SVM_MODEL, pretrained=params.features.pretrained)
     write_json(root / SVM_METRICS, metrics)
-    return {k: v for k, v in metrics.items() if k != "cv_scores"}
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | None)}
+
+
+def top(params: Params, root: Path) -> dict:
+    """A new head on the frozen backbone: on the cached features, or through the backbone
+    (images) when augmentation is on."""
+    from transferlab.classifiers.methods import run_top
+
+    return run_top(params, root)
+
+
+def full(params: Params, root: Path) -> dict:
+    """Full fine-tuning, checkpointed every epoch; resumes after a kill."""
+    from transferlab.classifiers.methods import run_full
+
+    return run_full(params, root)
 
 
 def _test_images(
-    params: Params, root: Path, classes: list[str]
+    params: Params, root: Path, classes: list[str], spec=None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     from transferlab.backbones import get_spec
     from transferlab.features import load_images
 
     rows = [r for r in _split_rows(root) if r["split"] == "test"][: params.attack.max_images]
-    spec = get_spec(params.features.backbone)
+    spec = spec or get_spec(params.features.backbone)
     x = load_images(
         [root / "data" / r["path"] for r in rows], spec, background=params.data.background
     )
@@ -238,7 +271,8 @@ def attack(params: Params, root: Path) -> dict:
     rows: list[dict] = []
     for method in ap.models:
         model = load_classifier(root / f"models/{method}")
-        x, y = _test_images(params, root, model.classes)
+        # each model at its own input size (full fine-tuning may train smaller images)
+        x, y = _test_images(params, root, model.classes, model.backbone.spec)
         for r in robustness_sweep(
             model, x, y, attacks=ap.attacks, eps=ap.eps, batch_size=ap.batch_size
         ):
@@ -280,13 +314,9 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     from transferlab.classifiers import load_classifier
     from transferlab.data import manifest_hash
     from transferlab.html_report import write_html_report
+    from transferlab.method_report import METHODS, method_record
     from transferlab.report import plot_robustness, results_table
-    from transferlab.tracking import (
-        MethodRecord,
-        check_tracking_store,
-        git_state,
-        log_pipeline_run,
-    )
+    from transferlab.tracking import check_tracking_store, git_state, log_pipeline_run
 
     check_tracking_store(params, root)
     rows = _read_robustness(root)
@@ -294,35 +324,50 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     plot = plot_robustness(rows, root / ROBUSTNESS_PNG)
     table = results_table(svm_metrics, rows, params.attack.report_eps)
 
-    clf = load_classifier(root / SVM_MODEL)
-    example = np.zeros(
-        (1, 3, clf.backbone.spec.input_size, clf.backbone.spec.input_size), np.float32
-    )
-    record = MethodRecord(
-        name="svm",
-        params={"svm.best_C": str(svm_metrics["best_C"])},
-        metrics={
-            k: v for k, v in svm_metrics.items() if isinstance(v, int | float) and v is not None
-        },
-        model=clf,
-        input_example=example,
-        artifacts=[root / SVM_METRICS, root / ROBUSTNESS_CSV],
-    )
-    # one series per attack with every eps as a step, so the MLflow UI charts it (x = eps * 255)
-    for r in rows:
-        if r["model"] == "svm":
-            record.series.setdefault(f"robust_acc_{r['attack']}", []).append(
-                (round(r["eps"] * 255), r["robust_acc"])
+    records = []
+    for method in METHODS:
+        m_metrics = read_json(root / f"metrics/{method}.json")
+        record = method_record(
+            method,
+            m_metrics,
+            load_classifier(root / f"models/{method}"),
+            metrics_file=root / f"metrics/{method}.json",
+            confusion_png=root / CONFUSION_DIR / f"{method}.png",
+            experiment=params.tracking.experiment,
+        )
+        if method == "svm":
+            record.params["svm.best_C"] = str(svm_metrics["best_C"])
+            record.artifacts.append(root / ROBUSTNESS_CSV)
+            # the CV score of every C in the grid, one metric each
+            for c, score in svm_metrics.get("cv_scores", {}).items():
+                record.metrics[f"cv_acc_C_{c}"] = score
+        else:
+            table.append(
+                {
+                    "method": method,
+                    "test_acc": m_metrics["test_acc"],
+                    "val_acc": m_metrics.get("val_acc"),
+                    "train_seconds": m_metrics["train_seconds"],
+                }
             )
-            record.metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
-    record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)
+        # one series per attack with every eps as a step, so the MLflow UI charts it (x = eps*255)
+        for r in rows:
+            if r["model"] == method:
+                record.series.setdefault(f"robust_acc_{r['attack']}", []).append(
+                    (round(r["eps"] * 255), r["robust_acc"])
+                )
+                record.metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
+                if abs(r["eps"] - params.attack.report_eps) < 1e-9 and method != "svm":
+                    table[-1][f"robust_acc_{r['attack']}"] = r["robust_acc"]
+        record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)
+        records.append(record)
     tags = {
         **git_state(root),
         "params.hash": params.section_hash(),
         "data.manifest_hash": manifest_hash(root / MANIFEST),
         **(context or {}),
     }
-    ids = log_pipeline_run(params, root, tags=tags, methods=[record], artifacts=[plot])
+    ids = log_pipeline_run(params, root, tags=tags, methods=records, artifacts=[plot])
     write_json(root / RESULTS, {"table": table, "mlflow": ids, "tags": tags})
     write_html_report(root, root / REPORT_HTML, title=f"transferlab: {params.tracking.experiment}")
     return {"table": table, "mlflow": ids, "html": str(root / REPORT_HTML)}
@@ -359,9 +404,25 @@ STAGES: dict[str, Stage] = {
             (SVM_METRICS,),
         ),
         Stage(
+            "top",
+            top,
+            (FEATURES, SPLIT, MANIFEST, IMAGES),
+            (TOP_MODEL,),
+            ("data", "features", "top", "split"),
+            (TOP_METRICS,),
+        ),
+        Stage(
+            "full",
+            full,
+            (SPLIT, MANIFEST, IMAGES),
+            (FULL_MODEL,),
+            ("data", "features", "full", "split"),
+            (FULL_METRICS,),
+        ),
+        Stage(
             "attack",
             attack,
-            (SVM_MODEL, SPLIT, IMAGES),
+            (SVM_MODEL, TOP_MODEL, FULL_MODEL, SPLIT, IMAGES),
             (),
             ("attack", "data", "features"),
             (ATTACK_METRICS,),
@@ -370,8 +431,9 @@ STAGES: dict[str, Stage] = {
         Stage(
             "report",
             report,
-            (SVM_METRICS, ATTACK_METRICS, ROBUSTNESS_CSV, SVM_MODEL, MANIFEST),
-            (ROBUSTNESS_PNG, RESULTS, REPORT_HTML),
+            (SVM_METRICS, ATTACK_METRICS, ROBUSTNESS_CSV, SVM_MODEL, MANIFEST)
+            + (TOP_METRICS, FULL_METRICS, TOP_MODEL, FULL_MODEL),
+            (ROBUSTNESS_PNG, RESULTS, REPORT_HTML, CONFUSION_DIR),
             ("tracking",),
         ),
     )

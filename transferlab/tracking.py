@@ -34,6 +34,8 @@ class MethodRecord:
     model: object | None = None  # an nn.Module, logged with mlflow.pytorch
     input_example: object | None = None  # numpy array for the model signature
     artifacts: list[Path] = field(default_factory=list)
+    # registered in the Model Registry under this name, alias "candidate" (None: not registered)
+    registered_name: str | None = None
 
 
 def tracking_uri(params: Params, workdir: Path) -> str:
@@ -134,13 +136,15 @@ def _log_pipeline_run(mlflow, params, workdir, uri, *, tags, methods, artifacts)
                 ids[rec.name] = child.info.run_id
                 mlflow.log_params({**params.flat(), **rec.params})
                 mlflow.log_metrics(rec.metrics)
-                for key, points in rec.series.items():
-                    for step, value in points:
-                        mlflow.log_metric(key, value, step=step)
+                log_series(mlflow.MlflowClient(), child.info.run_id, rec.series)
                 for path in rec.artifacts:
                     mlflow.log_artifact(str(path))
                 if rec.model is not None:
-                    _log_model(mlflow, rec)
+                    info = _log_model(mlflow, rec)
+                    if rec.registered_name:
+                        ids[f"{rec.name}.version"] = register_candidate(
+                            mlflow, info.model_uri, rec.registered_name
+                        )
     log.info("logged MLflow run %s to %s", ids["parent"], uri)
     return ids
 
@@ -183,7 +187,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _log_model(mlflow, rec: MethodRecord) -> None:
+def _log_model(mlflow, rec: MethodRecord):
     from mlflow.models import infer_signature
 
     signature = None
@@ -194,7 +198,7 @@ def _log_model(mlflow, rec: MethodRecord) -> None:
             out = rec.model(torch.from_numpy(rec.input_example)).numpy()
         signature = infer_signature(rec.input_example, out)
     package_dir = Path(__file__).resolve().parent
-    mlflow.pytorch.log_model(
+    return mlflow.pytorch.log_model(
         rec.model,
         name="model",
         pip_requirements=MODEL_REQUIREMENTS,
@@ -298,3 +302,91 @@ def check_tracking_store(params: Params, workdir: Path, *, timeout: float = 5.0)
             f"({params.tracking.tracking_uri})"
         ) from None
     return uri
+
+
+def log_series(client, run_id: str, series: dict[str, list[tuple[int, float]]]) -> None:
+    """Every point of every series in batched calls (one request per 1000 metrics)."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    points = [
+        Metric(key, float(value), now, int(step))
+        for key, pts in series.items()
+        for step, value in pts
+        if value is not None
+    ]
+    for i in range(0, len(points), 1000):
+        client.log_batch(run_id, metrics=points[i : i + 1000])
+
+
+def register_candidate(mlflow, model_uri: str, name: str) -> str:
+    """Register ``model_uri`` as a new version of ``name`` and point alias ``candidate`` at it."""
+    client = mlflow.MlflowClient()
+    version = mlflow.register_model(model_uri, name).version
+    client.set_registered_model_alias(name, "candidate", version)
+    return str(version)
+
+
+def log_learning_curve(
+    params: Params,
+    workdir: Path,
+    *,
+    rows: list[dict],
+    summary: list[dict],
+    artifacts: list[Path],
+    tags: dict[str, str] | None = None,
+) -> dict[str, str]:
+    """One parent run ``learning-curve`` with a nested run per method.
+
+    Each nested run holds ``test_acc_mean``/``test_acc_std`` as series over N per class
+    (step = N) and every single run's accuracy as ``test_acc_seed<k>``.
+    """
+    import mlflow
+
+    uri = tracking_uri(params, workdir)
+    mlflow.set_tracking_uri(uri)
+    exp_id = _experiment_id(mlflow, params, workdir, uri)
+    client = mlflow.MlflowClient()
+    all_tags = {**git_state(workdir), **(tags or {})}
+    ids = {"experiment_id": exp_id, "tracking_uri": uri}
+    lc = params.learning_curve.model_dump(mode="json")
+    with mlflow.start_run(experiment_id=exp_id, run_name="learning-curve", tags=all_tags) as par:
+        ids["parent"] = par.info.run_id
+        mlflow.log_params({f"learning_curve.{k}": str(v) for k, v in lc.items()})
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+        for method in ("svm", "top", "full"):
+            mine = [r for r in rows if r["method"] == method]
+            if not mine:
+                continue
+            with mlflow.start_run(
+                experiment_id=exp_id,
+                run_name=f"learning-curve-{method}",
+                nested=True,
+                tags=all_tags,
+            ) as child:
+                ids[method] = child.info.run_id
+                mlflow.log_params(
+                    {
+                        f"{method}.{k}": str(v)
+                        for k, v in getattr(params, method).model_dump().items()
+                    }
+                )
+                series: dict[str, list[tuple[int, float]]] = {}
+                for s in summary:
+                    if f"{method}_mean" in s:
+                        n = s["n_per_class"]
+                        series.setdefault("test_acc_mean", []).append((n, s[f"{method}_mean"]))
+                        series.setdefault("test_acc_std", []).append((n, s[f"{method}_std"]))
+                        series.setdefault("train_seconds_mean", []).append(
+                            (n, s[f"{method}_seconds"])
+                        )
+                for r in mine:
+                    series.setdefault(f"test_acc_seed{r['seed']}", []).append(
+                        (r["n_per_class"], r["test_acc"])
+                    )
+                log_series(client, child.info.run_id, series)
+    log.info("logged learning curve run %s to %s", ids["parent"], uri)
+    return ids

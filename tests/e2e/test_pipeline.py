@@ -17,15 +17,23 @@ COMPARED = ("metrics/svm.json", "metrics/attack.json")
 
 
 def sh(*args: str, cwd: Path) -> str:
-    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=600)
+    # eight stages incl. fine-tuning and three logged models: generous for a shared 2-core CPU
+    proc = subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, f"{args} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout + proc.stderr
 
 
-def mlflow_runs(workdir: Path) -> list:
+def mlflow_client(workdir: Path):
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workdir / 'mlruns.db'}")
+    return mlflow.MlflowClient(
+        tracking_uri=f"sqlite:///{workdir / 'mlruns.db'}",
+        registry_uri=f"sqlite:///{workdir / 'mlruns.db'}",
+    )
+
+
+def mlflow_runs(workdir: Path) -> list:
+    client = mlflow_client(workdir)
     exp = client.get_experiment_by_name("tiny")
     return client.search_runs([exp.experiment_id]) if exp else []
 
@@ -63,12 +71,23 @@ def test_dvc_repro_produces_metrics_and_a_tracked_run(dvc_workspace):
     assert (ws / "plots/robustness.png").stat().st_size > 1000
     runs = mlflow_runs(ws)
     names = sorted(r.info.run_name for r in runs)
-    assert names == ["pipeline", "svm"]
+    assert names == ["full", "pipeline", "svm", "top"]
     child = next(r for r in runs if r.info.run_name == "svm")
     assert child.data.metrics["test_acc"] == pytest.approx(svm["test_acc"])
     assert "robust_acc_fgsm_eps_8" in child.data.metrics
     for tag in ("git.commit", "params.hash", "data.manifest_hash"):
         assert tag in child.data.tags
+    for method in ("top", "full"):
+        run = next(r for r in runs if r.info.run_name == method)
+        metrics = json.loads((ws / f"metrics/{method}.json").read_text())
+        assert run.data.metrics["test_acc"] == pytest.approx(metrics["test_acc"])
+        assert run.data.metrics["trained_parameters"] == metrics["trained_parameters"]
+        assert ("robust_acc_fgsm_eps_8" in run.data.metrics) == (method == "full")
+        assert (ws / f"plots/confusion/{method}.png").stat().st_size > 1000
+    assert len(mlflow_client(ws).get_metric_history(run.info.run_id, "epoch_train_acc")) == 1
+    for method in ("svm", "top", "full"):
+        version = mlflow_client(ws).get_model_version_by_alias(f"tiny-{method}", "candidate")
+        assert version.run_id == next(r for r in runs if r.info.run_name == method).info.run_id
 
 
 def test_second_dvc_repro_is_a_no_op(dvc_workspace):
@@ -77,7 +96,7 @@ def test_second_dvc_repro_is_a_no_op(dvc_workspace):
     assert "up to date" in out
     assert "Running stage" not in out
     assert before == {p: p.stat().st_mtime_ns for p in (dvc_workspace / "metrics").iterdir()}
-    assert len(mlflow_runs(dvc_workspace)) == 2
+    assert len(mlflow_runs(dvc_workspace)) == 4
 
 
 def test_prefect_flow_gives_the_same_metrics_and_caches(tmp_path, tiny_dataset, dvc_workspace):
@@ -97,4 +116,4 @@ def test_prefect_flow_gives_the_same_metrics_and_caches(tmp_path, tiny_dataset, 
     # the second run is served from the result cache: nothing recomputed, nothing re-logged
     assert second == first
     assert (ws / "features/features.npz").stat().st_mtime_ns == features_mtime
-    assert len(runs) == 2
+    assert len(runs) == 4

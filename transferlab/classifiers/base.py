@@ -29,43 +29,68 @@ class Classifier(nn.Module):
         self.classes = list(classes)
         self.method = method
 
+    def train(self, mode: bool = True) -> Classifier:
+        """Only a fully fine-tuned backbone may leave eval mode: the others keep BatchNorm's
+        ImageNet statistics."""
+        super().train(mode)
+        if self.method != "full":
+            self.backbone.eval()
+        return self
+
     def forward(self, x01: Tensor) -> Tensor:
         """(N, 3, H, W) images in [0, 1] -> (N, C) logits."""
         return self.head(self.backbone.features(x01))
 
 
 def save_classifier(clf: Classifier, folder: Path, *, pretrained: str, extra: dict | None = None):
-    """Write ``meta.json`` and ``head.pt`` (the backbone is rebuilt from its registry name).
+    """Write ``meta.json`` and ``head.pt``; for ``full`` also ``backbone.pt`` (its weights).
 
-    Files are renamed into place, so readers never see half a model.
+    Methods that keep the backbone frozen store only the head: the backbone is rebuilt from its
+    registry name and checked against its weights digest. Files are renamed into place, so
+    readers never see half a model (``meta.json`` last).
     """
+    from transferlab.classifiers.training import head_spec
+
     folder.mkdir(parents=True, exist_ok=True)
     head = clf.head
-    if not isinstance(head, nn.Linear):
-        raise TypeError("only linear heads are stored this way so far")
     meta = {
         "method": clf.method,
         "classes": clf.classes,
         "backbone": clf.backbone.name,
         "pretrained": pretrained,
         "weights_digest": clf.backbone.weights_digest,
-        "head": {"in_features": head.in_features, "out_features": head.out_features},
+        "input_size": clf.backbone.spec.input_size,
+        "head": head_spec(head),
+        "backbone_weights": clf.method == "full",
         **(extra or {}),
     }
     with atomic_write(folder / "head.pt") as f:
         torch.save(head.state_dict(), f)
+    if meta["backbone_weights"]:
+        with atomic_write(folder / "backbone.pt") as f:
+            torch.save(clf.backbone.state_dict(), f)
+    # meta.json last: a reader that finds it finds the weights it names
     with atomic_write(folder / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
 
 
 def load_classifier(folder: Path) -> Classifier:
     """Rebuild a stored classifier in eval mode."""
+    from transferlab.classifiers.training import head_from_spec, spec_at_size
+
     meta = json.loads((folder / "meta.json").read_text())
     backbone = load_backbone(meta["backbone"], meta["pretrained"])
     if backbone.weights_digest != meta["weights_digest"]:
         raise RuntimeError(
             f"{folder}: the backbone weights changed since this model was trained; re-run the stage"
         )
-    head = nn.Linear(meta["head"]["in_features"], meta["head"]["out_features"])
+    size = meta.get("input_size", backbone.spec.input_size)
+    if size != backbone.spec.input_size:
+        backbone.spec = spec_at_size(backbone.spec, size)
+    if meta.get("backbone_weights"):
+        backbone.load_state_dict(
+            torch.load(folder / "backbone.pt", map_location="cpu", weights_only=True)
+        )
+    head = head_from_spec(meta["head"])
     head.load_state_dict(torch.load(folder / "head.pt", map_location="cpu", weights_only=True))
     return Classifier(backbone, head, meta["classes"], meta["method"]).eval()

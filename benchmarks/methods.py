@@ -1,0 +1,168 @@
+"""The three methods' training cost as ratios against references measured in the same run.
+
+    python benchmarks/methods.py [--repeats 3]
+
+1. svm: ``fit_svm`` (one C, standardise + LinearSVC) divided by a bare ``liblinear`` fit
+   (the ``liblinear-official`` package) on the same standardised features, same solver
+   (L2-regularised L2-loss dual, ``-s 1``), C, tolerance and bias. Goal: <= 1.1.
+2. top: training the head on cached features vs through the frozen backbone (augmentation
+   off, same init and data order): the speed-up, and the accuracy difference (should be 0).
+3. full: ``train_full`` images/s divided by a bare torch loop (same model, param groups, batch,
+   precision, SGD): goal >= 0.9.
+
+Each timing is the best of ``--repeats`` (the machine is shared; the best is the least noisy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from transferlab.backbones import load_backbone
+from transferlab.classifiers.full import train_full
+from transferlab.classifiers.svm import fit_svm
+from transferlab.classifiers.top import train_top
+from transferlab.classifiers.training import accuracy, predict
+from transferlab.config import FullParams, TopParams
+
+
+def best_of(repeats: int, fn) -> tuple[float, object]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - t)
+    return best, out
+
+
+def bench_svm(repeats: int) -> dict:
+    from liblinear.liblinearutil import parameter, problem, train
+
+    rng = np.random.default_rng(0)
+    n, d, k = 600, 1280, 5  # Lite0's feature width, a dataset of a few hundred images
+    centers = rng.normal(0, 1, (k, d))
+    y = rng.integers(0, k, n)
+    x = (centers[y] + rng.normal(0, 3, (n, d))).astype(np.float32)
+    c = 0.01
+    xs = ((x - x.mean(0)) / x.std(0)).astype(np.float64)
+    ours, _ = best_of(repeats, lambda: fit_svm(x, y, C_grid=(c,), cv=3, max_iter=1000))
+    # sklearn's LinearSVC passes tol=1e-4, intercept_scaling=1 (-B 1), max_iter=1000
+    # the binding's dense -> feature-node conversion is not liblinear's work: done outside
+    prob = problem(y.astype(np.float64), xs)
+    param = parameter(f"-s 1 -c {c} -e 0.0001 -B 1 -q")
+    bare, _ = best_of(repeats, lambda: train(prob, param))
+    return {"svm_fit_s": ours, "liblinear_fit_s": bare, "ratio": ours / bare}
+
+
+def bench_top(repeats: int) -> dict:
+    bb = load_backbone("efficientnet_lite0", "package")
+    g = torch.Generator().manual_seed(0)
+    n, size = 96, 64
+    y = torch.arange(n) % 4
+    x = (torch.rand(n, 3, size, size, generator=g) * 0.4).clamp(0, 1)
+    x[torch.arange(n), y % 3] += 0.5
+    x = x.clamp(0, 1)
+    params = TopParams(epochs=5, batch_size=16, augment=False)
+    with torch.no_grad():
+        f = bb.features(x)
+    t_feat, r_feat = best_of(
+        repeats, lambda: train_top(n_classes=4, params=params, x_train=f, y_train=y)
+    )
+    t_bb, r_bb = best_of(
+        1, lambda: train_top(n_classes=4, params=params, x_train=x, y_train=y, backbone=bb)
+    )
+    acc_feat = accuracy(predict(r_feat.head, f), y)
+    acc_bb = accuracy(predict(r_bb.head, f), y)
+    return {
+        "cached_s": t_feat,
+        "through_backbone_s": t_bb,
+        "speedup": t_bb / t_feat,
+        "acc_cached": acc_feat,
+        "acc_through_backbone": acc_bb,
+        "acc_difference": acc_feat - acc_bb,
+    }
+
+
+def bare_full_loop(bb, head, x, y, params: FullParams) -> float:
+    """Plain SGD over the same param groups, batch and precision; returns images/s."""
+    opt = torch.optim.SGD(
+        [
+            {"params": bb.parameters(), "lr": params.lr * params.backbone_lr_ratio},
+            {"params": head.parameters(), "lr": params.lr},
+        ],
+        lr=params.lr,
+        momentum=params.momentum,
+        weight_decay=params.weight_decay,
+    )
+    for p in bb.parameters():
+        p.requires_grad_(True)
+    bb.train()
+    for m in bb.modules():  # the same frozen BatchNorm statistics train_full uses by default
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+    head.train()
+    loss_fn = nn.CrossEntropyLoss()
+    start = time.perf_counter()
+    for _ in range(params.epochs):
+        perm = torch.randperm(len(y))
+        for i in range(0, len(y), params.batch_size):
+            idx = perm[i : i + params.batch_size]
+            loss = loss_fn(head(bb.features(x[idx])), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    return params.epochs * len(y) / (time.perf_counter() - start)
+
+
+def bench_full(repeats: int) -> dict:
+    n, size = 64, 64
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.rand(n, 3, size, size, generator=g), torch.arange(n) % 4
+    params = FullParams(
+        epochs=2, batch_size=16, image_size=size, augment=False, precision="fp32", resume=False
+    )
+    ours, bare = [], []
+    for _ in range(repeats):  # alternate, so load changes hit both sides alike
+        bb = load_backbone("efficientnet_lite0", "package")
+        r = train_full(backbone=bb, n_classes=4, params=params, x_train=x, y_train=y)
+        ours.append(params.epochs * n / sum(h["seconds"] for h in r.history))
+        bb = load_backbone("efficientnet_lite0", "package")
+        bare.append(bare_full_loop(bb, nn.Linear(bb.feature_dim, 4), x, y, params))
+    return {
+        "train_full_img_s": max(ours),
+        "bare_loop_img_s": max(bare),
+        "ratio": max(ours) / max(bare),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    print(f"threads {torch.get_num_threads()}")
+    s = bench_svm(args.repeats)
+    print(
+        f"svm:  fit_svm {s['svm_fit_s']:.3f} s / bare liblinear {s['liblinear_fit_s']:.3f} s"
+        f" = {s['ratio']:.3f}  (goal <= 1.1)"
+    )
+    t = bench_top(args.repeats)
+    print(
+        f"top:  cached features {t['cached_s']:.3f} s vs through backbone "
+        f"{t['through_backbone_s']:.2f} s: speed-up {t['speedup']:.0f}x, accuracy difference "
+        f"{t['acc_difference']:+.3f}"
+    )
+    f = bench_full(args.repeats)
+    print(
+        f"full: train_full {f['train_full_img_s']:.1f} img/s / bare loop "
+        f"{f['bare_loop_img_s']:.1f} img/s = {f['ratio']:.3f}  (goal >= 0.9)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""The learning-curve experiment as a Prefect flow: the same function the CLI and
+``dvc repro experiments/learning_curve`` run (``transferlab.experiments.learning_curve``).
+
+Run it with ``python -m flows.learning_curve --params params.yaml``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from prefect import flow, task
+
+from flows.pipeline import lineage_context
+from transferlab.config import load_params
+
+
+@task(name="learning-curve", retries=0)
+def learning_curve_task(params_path: str, workdir: str, context: dict[str, str]) -> dict:
+    from transferlab.experiments.learning_curve import learning_curve_experiment
+
+    result = learning_curve_experiment(load_params(params_path), Path(workdir), context=context)
+    return {k: v for k, v in result.items() if k != "summary"} | {"summary": result["summary"]}
+
+
+@flow(name="transferlab-learning-curve", log_prints=True)
+def learning_curve(params_path: str = "params.yaml", workdir: str = ".") -> dict:
+    """svm vs top vs full on the same few-shot subsets; returns paths, summary and MLflow ids."""
+    load_params(params_path)  # fail on a bad params file before any work
+    return learning_curve_task(params_path, str(Path(workdir).resolve()), lineage_context())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=learning_curve.__doc__)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--workdir", default=".")
+    args = parser.parse_args()
+    learning_curve(params_path=args.params, workdir=args.workdir)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,152 @@
+"""A new top layer on the frozen backbone.
+
+The backbone never trains: its weights keep ``requires_grad=False`` and it stays in eval mode, so
+BatchNorm uses (and never updates) its ImageNet statistics. Without augmentation every epoch
+sees the same features, so the head trains on the cached features (``features/features.npz``)
+and gets the same result as training through the backbone, orders of magnitude faster. With
+augmentation each batch goes through the backbone.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from transferlab.backbones import Backbone
+from transferlab.classifiers.training import (
+    accuracy,
+    augment_batch,
+    augmentation,
+    make_head,
+    make_optimizer,
+    predict,
+)
+from transferlab.config import TopParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """A trained head and how it got there.
+
+    Attributes:
+        head: the best head (by val accuracy; the last one without a val set), eval mode.
+        history: per epoch: epoch, lr, train_loss, train_acc, val_acc (None without val).
+        best_epoch: index into history of the kept weights.
+        seconds: wall time of the training loop.
+    """
+
+    head: nn.Module
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    seconds: float = 0.0
+
+
+def train_top(
+    *,
+    n_classes: int,
+    params: TopParams,
+    x_train: Tensor,
+    y_train: Tensor,
+    x_val: Tensor | None = None,
+    y_val: Tensor | None = None,
+    backbone: Backbone | None = None,
+) -> TrainResult:
+    """Train a head with early stopping on validation accuracy.
+
+    Args:
+        n_classes: number of logits.
+        params: the ``top`` section.
+        x_train: without ``backbone``: (N, D) features; with it: (N, 3, S, S) images in [0, 1].
+        y_train: (N,) int64 labels.
+        x_val, y_val: the same for validation (optional; no early stopping without them).
+        backbone: pass it to train through the frozen backbone (needed for augmentation).
+
+    Returns:
+        The best head and the per-epoch history.
+    """
+    if params.augment and backbone is None:
+        raise ValueError("augmentation needs images: pass the backbone and images, not features")
+    torch.manual_seed(params.seed)
+    through_backbone = backbone is not None
+    if through_backbone:
+        backbone.eval()  # BatchNorm keeps its ImageNet statistics
+        for p in backbone.parameters():
+            p.requires_grad_(False)
+        in_dim = backbone.feature_dim
+        aug = augmentation(x_train.shape[-1]) if params.augment else None
+    else:
+        in_dim = x_train.shape[1]
+        aug = None
+    head = make_head(params.head, in_dim, n_classes, hidden=params.hidden, dropout=params.dropout)
+    opt = make_optimizer(
+        params.optimizer,
+        [{"params": head.parameters()}],
+        lr=params.lr,
+        momentum=params.momentum,
+        weight_decay=params.weight_decay,
+    )
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=params.label_smoothing)
+
+    @torch.no_grad()
+    def feats(x: Tensor, train: bool) -> Tensor:
+        if not through_backbone:
+            return x
+        if train and aug is not None:
+            x = augment_batch(x, aug)
+        return backbone.features(x)
+
+    has_val = x_val is not None and y_val is not None and len(y_val) > 0
+    val_feats = feats(x_val, False) if has_val and not params.augment else None
+    order = torch.Generator().manual_seed(params.seed)
+    best_state, best_acc, best_epoch, stale = copy.deepcopy(head.state_dict()), -1.0, 0, 0
+    history: list[dict] = []
+    start = time.perf_counter()
+    for epoch in tqdm(range(params.epochs), desc="top", unit="epoch", leave=False):
+        head.train()
+        perm = torch.randperm(len(y_train), generator=order)
+        total_loss, correct = 0.0, 0
+        for i in range(0, len(perm), params.batch_size):
+            idx = perm[i : i + params.batch_size]
+            logits = head(feats(x_train[idx], True))
+            loss = loss_fn(logits, y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total_loss += float(loss.detach()) * len(idx)
+            correct += int((logits.argmax(1) == y_train[idx]).sum())
+        head.eval()
+        val_acc = None
+        if has_val:
+            vf = val_feats if val_feats is not None else feats(x_val, False)
+            val_acc = accuracy(predict(head, vf), y_val)
+        history.append(
+            {
+                "epoch": epoch,
+                "lr": opt.param_groups[0]["lr"],
+                "train_loss": total_loss / len(y_train),
+                "train_acc": correct / len(y_train),
+                "val_acc": val_acc,
+            }
+        )
+        if not has_val or val_acc > best_acc:
+            best_state, best_acc, best_epoch, stale = (
+                copy.deepcopy(head.state_dict()),
+                (val_acc if has_val else -1.0),
+                epoch,
+                0,
+            )
+        else:
+            stale += 1
+            if stale >= params.patience:
+                log.info("top: early stop at epoch %d (best %d)", epoch, best_epoch)
+                break
+    head.load_state_dict(best_state)
+    return TrainResult(head.eval(), history, best_epoch, time.perf_counter() - start)

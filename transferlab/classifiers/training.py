@@ -1,0 +1,193 @@
+"""Pieces the trained methods (``top`` and ``full``) share: heads, optimisers, augmentation,
+precision, accuracy and atomic checkpoints."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchvision.transforms import v2 as T
+
+from transferlab.backbone_specs import BackboneSpec
+
+log = logging.getLogger(__name__)
+
+
+def make_head(
+    kind: str, in_features: int, n_classes: int, *, hidden: int = 256, dropout: float = 0.2
+) -> nn.Module:
+    """A linear head, or an MLP (Linear -> ReLU -> Dropout -> Linear).
+
+    Args:
+        kind: "linear" | "mlp".
+
+    Returns:
+        A module mapping (N, in_features) features to (N, n_classes) logits.
+    """
+    if kind == "linear":
+        return nn.Linear(in_features, n_classes)
+    if kind == "mlp":
+        return nn.Sequential(
+            nn.Linear(in_features, hidden),
+            nn.ReLU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden, n_classes),
+        )
+    raise ValueError(f"unknown head {kind!r}; allowed values are 'linear', 'mlp'")
+
+
+def head_spec(head: nn.Module) -> dict:
+    """What :func:`make_head` needs to rebuild ``head`` (stored in ``meta.json``)."""
+    if isinstance(head, nn.Linear):
+        return {
+            "kind": "linear",
+            "in_features": head.in_features,
+            "out_features": head.out_features,
+        }
+    if isinstance(head, nn.Sequential) and len(head) == 4:
+        first, _, drop, last = head
+        return {
+            "kind": "mlp",
+            "in_features": first.in_features,
+            "out_features": last.out_features,
+            "hidden": first.out_features,
+            "dropout": drop.p,
+        }
+    raise TypeError(f"cannot store a head of type {type(head).__name__}")
+
+
+def head_from_spec(spec: dict) -> nn.Module:
+    return make_head(
+        spec.get("kind", "linear"),
+        spec["in_features"],
+        spec["out_features"],
+        hidden=spec.get("hidden", 256),
+        dropout=spec.get("dropout", 0.0),
+    )
+
+
+def make_optimizer(
+    name: str,
+    groups: Iterable[dict],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+) -> torch.optim.Optimizer:
+    """SGD with momentum (the default), or RMSProp with a warning: the seed advises against it
+    for fine-tuning, because its adaptive steps wreck the pretrained weights early on."""
+    groups = list(groups)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "rmsprop":
+        log.warning(
+            "optimizer rmsprop: fine-tuning usually works better with SGD + momentum at a small "
+            "learning rate (the seed's advice); RMSProp's adaptive steps can destroy the "
+            "pretrained features"
+        )
+        return torch.optim.RMSprop(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}; allowed values are 'sgd', 'rmsprop'")
+
+
+def augmentation(size: int) -> T.Compose:
+    """Random crop, flip and colour jitter on (3, S, S) float images in [0, 1]."""
+    return T.Compose(
+        [
+            T.RandomResizedCrop(size, scale=(0.6, 1.0), antialias=True),
+            T.RandomHorizontalFlip(),
+            T.ColorJitter(brightness=0.2, contrast=0.2, saturation=0.2),
+        ]
+    )
+
+
+def augment_batch(x01: Tensor, transform: T.Compose) -> Tensor:
+    """Per-image augmentation (a batch call would give every image the same crop)."""
+    return torch.stack([transform(img) for img in x01]).clamp_(0.0, 1.0)
+
+
+def spec_at_size(spec: BackboneSpec, size: int | None) -> BackboneSpec:
+    """The backbone's preprocessing at another input size (same resize/crop ratio)."""
+    if size is None or size == spec.input_size:
+        return spec
+    return replace(spec, input_size=size, resize=round(size * spec.resize / spec.input_size))
+
+
+def cpu_has_amx() -> bool:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return "amx_bf16" in f.read()
+    except OSError:
+        return False
+
+
+def use_bf16(precision: str, device: torch.device) -> bool:
+    """``auto`` means bf16 autocast on GPUs and on CPUs with AMX, fp32 elsewhere."""
+    if precision == "bf16":
+        return True
+    if precision == "fp32":
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+
+
+@torch.no_grad()
+def predict(fn, x: Tensor, *, batch_size: int = 64) -> np.ndarray:
+    """Argmax predictions of ``fn`` over ``x`` in batches; returns (N,) int64."""
+    if len(x) == 0:
+        return np.zeros(0, dtype=np.int64)
+    return (
+        torch.cat([fn(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
+        .cpu()
+        .numpy()
+    )
+
+
+def accuracy(pred: np.ndarray, y: np.ndarray | Tensor) -> float | None:
+    y = y.numpy() if isinstance(y, Tensor) else y
+    return float((pred == y).mean()) if len(y) else None
+
+
+def trained_parameters(modules: Iterable[nn.Module]) -> int:
+    return int(sum(p.numel() for m in modules for p in m.parameters() if p.requires_grad))
+
+
+def atomic_torch_save(obj: object, dest: Path) -> None:
+    """``torch.save`` to a temp file in the same folder, then rename: a kill never leaves half."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def split_metrics(
+    preds: dict[str, np.ndarray], labels: dict[str, np.ndarray], classes: list[str]
+) -> dict:
+    """Accuracy per split, and per-class accuracy + confusion matrix on test.
+
+    Args:
+        preds, labels: split name ("train" | "val" | "test") -> (N,) int arrays.
+
+    Returns:
+        {"<split>_acc": float | None, "per_class_test_acc": {class: acc | None},
+        "confusion_test": rows = true class, columns = predicted class}.
+    """
+    out: dict = {f"{s}_acc": accuracy(preds[s], labels[s]) for s in preds}
+    y, p = labels.get("test", np.zeros(0, int)), preds.get("test", np.zeros(0, int))
+    cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
+    np.add.at(cm, (y, p), 1)
+    out["confusion_test"] = cm.tolist()
+    out["per_class_test_acc"] = {
+        c: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, c in enumerate(classes)
+    }
+    return out
