@@ -203,6 +203,9 @@ def _log_model(mlflow, rec: MethodRecord):
         name="model",
         pip_requirements=MODEL_REQUIREMENTS,
         code_paths=[str(package_dir)],
+        # MLflow 3 defaults to torch.export (pt2): slow, and an example of batch 1 freezes the
+        # batch dimension to 1. Pickle keeps any batch size; the code travels in code_paths.
+        serialization_format="pickle",
         signature=signature,
         input_example=rec.input_example,
     )
