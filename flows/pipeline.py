@@ -12,7 +12,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
-from tasks.stages import RETRIES, outputs_present, run_stage
+from tasks.stages import DEFAULT_TIMEOUT, RETRIES, TIMEOUTS, outputs_present, run_stage, stage_tags
 from transferlab.config import load_params
 from transferlab.stages import STAGES
 from transferlab.tracking import check_tracking_store
@@ -42,6 +42,8 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
                 task_run_name=name,
                 retries=RETRIES.get(name, 0),
                 refresh_cache=not outputs_present(name, workdir),
+                tags=stage_tags(name),
+                timeout_seconds=TIMEOUTS.get(name, DEFAULT_TIMEOUT),
             )
             context = lineage_context() if name == "report" else None
             results[name] = task(name, params_path, workdir, context)
