@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.features import run_feature_shards
-from tasks.stages import RETRIES, outputs_present, run_stage
+from tasks.stages import DEFAULT_TIMEOUT, RETRIES, TIMEOUTS, outputs_present, run_stage, stage_tags
 from transferlab.config import load_params
 from transferlab.stages import STAGES
 from transferlab.tracking import check_tracking_store
@@ -43,6 +43,8 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
                 task_run_name=name,
                 retries=RETRIES.get(name, 0),
                 refresh_cache=not outputs_present(name, workdir),
+                tags=stage_tags(name),
+                timeout_seconds=TIMEOUTS.get(name, DEFAULT_TIMEOUT),
             )
             context = lineage_context() if name == "report" else None
             if name == "features":

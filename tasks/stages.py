@@ -20,6 +20,31 @@ from transferlab.stages import STAGES
 
 # Stages that reach the network (a remote source, the tracking server) retry with backoff.
 RETRIES = {"pull": 2, "report": 2}
+# The registry calls of the gate reach the tracking server too.
+RETRIES["gate"] = 2
+
+# Stages that saturate the CPU/GPU carry this tag; a tag concurrency limit on the Prefect server
+# (`prefect concurrency-limit create heavy 1`, done by infra/bootstrap.sh) keeps concurrent flow
+# runs (a nightly run and an on-demand attack-eval) from oversubscribing one worker machine.
+HEAVY_TAG = "heavy"
+HEAVY_STAGES = {"features", "svm", "top", "full", "attack"}
+NETWORK_TAG = "network"
+
+
+def stage_tags(stage: str) -> set[str]:
+    """Prefect tags for a stage's task run: ``heavy`` and/or ``network``, plus the stage name."""
+    tags = {f"stage:{stage}"}
+    if stage in HEAVY_STAGES:
+        tags.add(HEAVY_TAG)
+    if stage in RETRIES:
+        tags.add(NETWORK_TAG)
+    return tags
+
+
+# Upper bounds per stage (seconds), so a hung download or server call fails the run instead of
+# holding the worker forever; generous for CPU-only machines.
+TIMEOUTS = {"pull": 3600, "report": 900, "gate": 300}
+DEFAULT_TIMEOUT = 6 * 3600
 
 
 def _fingerprint(path: Path, h: hashlib._Hash) -> None:

@@ -80,6 +80,62 @@ _stage_command("top", "A new head on the frozen backbone (SGD, early stopping): 
 _stage_command("full", "Full fine-tuning, checkpointed every epoch, resumable: models/full/.")
 _stage_command("attack", "FGSM over the eps sweep on each adapted model: metrics/attack.json.")
 _stage_command("report", "Plots, reports/results.json, and one MLflow run with the lineage.")
+_stage_command(
+    "gate", "Robustness regression gate: promote each new model version to champion if it passes."
+)
+
+
+ModelArg = Annotated[
+    str, typer.Argument(help="registered model: NAME@alias, NAME/version or NAME (latest)")
+]
+
+
+@app.command("lineage")
+def lineage(
+    model: ModelArg,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    verbose: VerboseOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """The data, code and params behind a registered model version.
+
+    Example: transferlab lineage transferlab-svm@champion
+    """
+    from transferlab.tracking import model_lineage
+
+    info = model_lineage(_setup(params, verbose, True), Path.cwd(), model)
+    if as_json:
+        out.print_json(data=info)
+        return
+    m = info["model"]
+    aliases = f" ({', '.join(m['aliases'])})" if m["aliases"] else ""
+    out.print(f"[bold]{m['name']} version {m['version']}[/bold]{aliases}  run {m['run_id']}")
+    for title in ("data", "code", "pipeline"):
+        out.print(f"[bold]{title}[/bold]")
+        for key, value in info[title].items():
+            out.print(f"  {key}: {value}", highlight=False)
+    out.print("[bold]params[/bold]")
+    for key, value in info["params"].items():
+        out.print(f"  {key} = {value}", highlight=False)
+
+
+@app.command("attack-eval")
+def attack_eval(
+    model: ModelArg,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Attack a registered model version on this workspace's test split and log the run.
+
+    Example: transferlab attack-eval transferlab-svm@champion
+    """
+    from transferlab.stages import attack_registered
+
+    summary = attack_registered(_setup(params, verbose, quiet), Path.cwd(), model=model)
+    if not quiet:
+        out.print_json(data=summary)
+
 
 experiment_app = typer.Typer(help="Experiments that compare the adaptation methods.")
 app.add_typer(experiment_app, name="experiment")

@@ -263,6 +263,29 @@ class RunnerParams(Section):
     )
 
 
+# ---------------------------------------------------------------- promotion gate
+
+
+class GateParams(Section):
+    """The robustness regression gate: when a registered model version may become ``champion``.
+
+    A candidate is promoted only if its clean and robust accuracy (``attack`` at ``eps``) clear the
+    floors and neither falls more than ``max_drop`` below the current champion's.
+    """
+
+    attack: str = "fgsm"
+    eps: float = 4 / 255
+    min_clean_acc: float = Field(0.5, ge=0.0, le=1.0)
+    min_robust_acc: float = Field(0.0, ge=0.0, le=1.0)
+    max_drop: float = Field(0.02, ge=0.0, le=1.0, description="allowed fall below the champion")
+    alias: str = Field("champion", min_length=1)
+
+    @field_validator("eps", mode="before")
+    @classmethod
+    def _eps(cls, v: Any) -> float:
+        return parse_eps(v)
+
+
 class Params(Section):
     data: DataParams = Field(default_factory=DataParams)
     split: SplitParams = Field(default_factory=SplitParams)
@@ -274,6 +297,7 @@ class Params(Section):
     attack: AttackParams = Field(default_factory=AttackParams)
     tracking: TrackingParams = Field(default_factory=TrackingParams)
     runner: RunnerParams = Field(default_factory=RunnerParams)
+    gate: GateParams = Field(default_factory=GateParams)
 
     def section_hash(self, *names: str) -> str:
         """Digest of the named sections (all when none): what a stage's cache depends on."""

@@ -40,6 +40,7 @@ ROBUSTNESS_CSV = "plots/robustness.csv"
 ROBUSTNESS_PNG = "plots/robustness.png"
 RESULTS = "reports/results.json"
 REPORT_HTML = "reports/index.html"
+GATE = "reports/gate.json"
 
 
 def write_json(path: Path, obj: object) -> None:
@@ -373,6 +374,50 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     return {"table": table, "mlflow": ids, "html": str(root / REPORT_HTML)}
 
 
+def gate(params: Params, root: Path) -> dict:
+    """The robustness regression gate: promote each method's new version to the champion alias
+    only if its clean and robust accuracy clear ``params.gate`` (see ``transferlab.gate``)."""
+    from transferlab.gate import metrics_from_summary
+    from transferlab.tracking import apply_gate
+
+    results = read_json(root / RESULTS)
+    summary = read_json(root / ATTACK_METRICS)["summary"]
+    gp = params.gate
+    decisions = {}
+    for method in params.attack.models:
+        version = results["mlflow"].get(f"model_version.{method}")
+        if version is None:
+            log.warning("gate: no registered version of %s in %s; skipped", method, RESULTS)
+            continue
+        candidate = metrics_from_summary(summary, method, gp.attack, gp.eps)
+        decisions[method] = apply_gate(params, root, method, version, candidate)
+    write_json(root / GATE, decisions)
+    return {m: d["decision"] for m, d in decisions.items()}
+
+
+def attack_registered(params: Params, root: Path, *, model: str) -> dict:
+    """Attack a registered model version (``NAME@alias`` or ``NAME/version``) on the workspace's
+    test split over ``params.attack`` (attacks, eps), and log the result as an MLflow run.
+
+    Not part of the DAG (its input is a registry entry, not a file): the ``attack-eval``
+    deployment and ``transferlab attack-eval`` call it.
+    """
+    from transferlab.evaluate import robustness_sweep
+    from transferlab.tracking import load_registered_model, log_attack_eval
+
+    ap = params.attack
+    clf, mv = load_registered_model(params, root, model)
+    x, y = _test_images(params, root, list(clf.classes))
+    rows = robustness_sweep(clf, x, y, attacks=ap.attacks, eps=ap.eps, batch_size=ap.batch_size)
+    metrics = {"clean_acc": rows[0]["clean_acc"], "n_images": float(len(y))}
+    for r in rows:
+        metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
+    out = root / f"metrics/attack_eval/{mv.name}-v{mv.version}.json"
+    write_json(out, {"model": mv.name, "version": str(mv.version), "rows": rows})
+    run_id = log_attack_eval(params, root, mv, metrics=metrics, artifacts=[out])
+    return {"model": mv.name, "version": str(mv.version), "run_id": run_id, "metrics": metrics}
+
+
 # ------------------------------------------------------------------ registry
 
 
@@ -436,5 +481,6 @@ STAGES: dict[str, Stage] = {
             (ROBUSTNESS_PNG, RESULTS, REPORT_HTML, CONFUSION_DIR),
             ("tracking",),
         ),
+        Stage("gate", gate, (RESULTS, ATTACK_METRICS), (GATE,), ("gate", "tracking")),
     )
 }

@@ -6,6 +6,7 @@ pipeline run with a nested run per method, tagged with the lineage (code, params
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from transferlab.config import Params
+from transferlab.lineage import dvc_state
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +122,7 @@ def _tracking_to(mlflow, uri: str):
 def _log_pipeline_run(mlflow, params, workdir, uri, *, tags, methods, artifacts):
     exp_id = _experiment_id(mlflow, params, workdir, uri)
     workspace = str(workdir.resolve())
-    all_tags = {**tags, "transferlab.workspace": workspace}
+    all_tags = {**dvc_state(workdir), **tags, "transferlab.workspace": workspace}
     close_orphaned_runs(mlflow.MlflowClient(uri), exp_id, workspace)
     ids = {"experiment_id": exp_id, "tracking_uri": uri}
     run_tags = {**all_tags, "transferlab.pid": str(os.getpid()), "transferlab.host": _host()}
@@ -142,8 +144,14 @@ def _log_pipeline_run(mlflow, params, workdir, uri, *, tags, methods, artifacts)
                 if rec.model is not None:
                     info = _log_model(mlflow, rec)
                     if rec.registered_name:
-                        ids[f"{rec.name}.version"] = register_candidate(
-                            mlflow, info.model_uri, rec.registered_name
+                        classes = {
+                            "model.classes": json.dumps(list(getattr(rec.model, "classes", [])))
+                        }
+                        ids[f"model_version.{rec.name}"] = register_candidate(
+                            params,
+                            info.model_uri,
+                            rec.name,
+                            tags={**all_tags, **rec.tags, **classes},
                         )
     log.info("logged MLflow run %s to %s", ids["parent"], uri)
     return ids
@@ -324,14 +332,6 @@ def log_series(client, run_id: str, series: dict[str, list[tuple[int, float]]]) 
         client.log_batch(run_id, metrics=points[i : i + 1000])
 
 
-def register_candidate(mlflow, model_uri: str, name: str) -> str:
-    """Register ``model_uri`` as a new version of ``name`` and point alias ``candidate`` at it."""
-    client = mlflow.MlflowClient()
-    version = mlflow.register_model(model_uri, name).version
-    client.set_registered_model_alias(name, "candidate", version)
-    return str(version)
-
-
 def log_learning_curve(
     params: Params,
     workdir: Path,
@@ -393,3 +393,242 @@ def log_learning_curve(
                 log_series(client, child.info.run_id, series)
     log.info("logged learning curve run %s to %s", ids["parent"], uri)
     return ids
+
+
+# ------------------------------------------------------------------ model registry
+
+CANDIDATE_ALIAS = "candidate"
+# Run tags that say where a model version came from; `transferlab lineage` prints them.
+LINEAGE_TAGS = (
+    "git.commit",
+    "git.dirty",
+    "params.hash",
+    "data.manifest_hash",
+    "data.dvc_hash",
+    "dvc.lock_hash",
+    "dvc.stage",
+    "prefect.flow_run_id",
+    "prefect.flow_run_url",
+)
+
+
+def registered_name(params: Params, method: str) -> str:
+    """The registry name of a method's model: ``<experiment>-<method>``."""
+    return f"{params.tracking.experiment}-{method}"
+
+
+def _client(params: Params, workdir: Path):
+    import mlflow
+
+    uri = tracking_uri(params, workdir)
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def register_candidate(
+    params: Params, model_uri: str, method: str, *, tags: dict[str, str] | None = None
+) -> str:
+    """Register a logged model as a new version of ``<experiment>-<method>``, alias ``candidate``.
+
+    Returns:
+        The new version number (a string, as MLflow gives it).
+    """
+    import mlflow
+
+    name = registered_name(params, method)
+    mv = mlflow.register_model(model_uri, name, tags=tags or None)
+    mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE_ALIAS, mv.version)
+    log.info("registered %s version %s (alias %s)", name, mv.version, CANDIDATE_ALIAS)
+    return str(mv.version)
+
+
+def parse_model_spec(spec: str) -> tuple[str, str | None, str | None]:
+    """``NAME@alias`` / ``NAME/version`` / ``NAME`` -> (name, alias, version)."""
+    if "@" in spec:
+        name, alias = spec.rsplit("@", 1)
+        return name, alias, None
+    if "/" in spec and spec.rsplit("/", 1)[1].isdigit():
+        name, version = spec.rsplit("/", 1)
+        return name, None, version
+    return spec, None, None
+
+
+def get_model_version(client, spec: str):
+    """The ModelVersion a spec names; a bare name means its latest version."""
+    name, alias, version = parse_model_spec(spec)
+    if alias:
+        return client.get_model_version_by_alias(name, alias)
+    if version:
+        return client.get_model_version(name, version)
+    versions = client.search_model_versions(f"name='{name}'")
+    if not versions:
+        raise LookupError(f"no registered model named {name!r}")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def model_lineage(params: Params, workdir: Path, spec: str) -> dict:
+    """Data, code and params versions behind a registered model version.
+
+    Returns:
+        {"model": {name, version, aliases, run_id, source}, "data": {...}, "code": {...},
+         "pipeline": {...}, "params": {flattened params of the run}}
+    """
+    client = _client(params, workdir)
+    mv = get_model_version(client, spec)
+    run = client.get_run(mv.run_id)
+    tags = run.data.tags
+    aliases = getattr(mv, "aliases", None) or []
+    return {
+        "model": {
+            "name": mv.name,
+            "version": str(mv.version),
+            "aliases": sorted(aliases),
+            "run_id": mv.run_id,
+            "source": mv.source,
+        },
+        "data": {k: tags.get(k) for k in ("data.manifest_hash", "data.dvc_hash")},
+        "code": {k: tags.get(k) for k in ("git.commit", "git.dirty")},
+        "pipeline": {
+            k: tags.get(k)
+            for k in (
+                "params.hash",
+                "dvc.lock_hash",
+                "dvc.stage",
+                "prefect.flow_run_id",
+                "prefect.flow_run_url",
+            )
+            if tags.get(k) is not None
+        },
+        "params": dict(sorted(run.data.params.items())),
+    }
+
+
+def _gate_metrics(tags: dict[str, str]):
+    from transferlab.gate import GateMetrics
+
+    def num(key: str) -> float | None:
+        value = tags.get(key)
+        return None if value in (None, "", "None") else float(value)
+
+    return GateMetrics(clean_acc=num("gate.clean_acc"), robust_acc=num("gate.robust_acc"))
+
+
+def apply_gate(params: Params, workdir: Path, method: str, version: str, candidate) -> dict:
+    """Judge a registered version against the floors and the champion; move the alias if it passes.
+
+    The decision and its reasons go onto the model version and its run as ``gate.*`` tags and a
+    ``gate/<method>.json`` artifact, so the MLflow UI shows why a model was (not) promoted.
+
+    Args:
+        candidate: the version's ``transferlab.gate.GateMetrics``.
+
+    Returns:
+        {"model", "version", "decision", "reasons", "champion_before", "champion_after", ...}
+    """
+    from mlflow.exceptions import MlflowException
+
+    from transferlab.gate import decide
+
+    gp = params.gate
+    client = _client(params, workdir)
+    name = registered_name(params, method)
+    try:
+        current = client.get_model_version_by_alias(name, gp.alias)
+    except MlflowException:
+        current = None
+    champion = None if current is None else _gate_metrics(current.tags)
+    decision = decide(candidate, champion, gp)
+    record = {
+        "model": name,
+        "version": str(version),
+        "decision": decision.decision,
+        "reasons": list(decision.reasons),
+        "clean_acc": candidate.clean_acc,
+        "robust_acc": candidate.robust_acc,
+        "attack": gp.attack,
+        "eps": gp.eps,
+        "alias": gp.alias,
+        "champion_before": None if current is None else str(current.version),
+    }
+    tags = {
+        "gate.decision": decision.decision,
+        "gate.reasons": "; ".join(decision.reasons),
+        "gate.clean_acc": str(candidate.clean_acc),
+        "gate.robust_acc": str(candidate.robust_acc),
+        "gate.attack": gp.attack,
+        "gate.eps": f"{gp.eps:.6g}",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    if decision.promote:
+        client.set_registered_model_alias(name, gp.alias, str(version))
+    record["champion_after"] = str(version) if decision.promote else record["champion_before"]
+    run_id = client.get_model_version(name, str(version)).run_id
+    if run_id:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.log_dict(run_id, record, f"gate/{method}.json")
+    log.info("gate %s v%s: %s (%s)", name, version, decision.decision, decision.reasons[0])
+    return record
+
+
+def load_registered_model(params: Params, workdir: Path, spec: str):
+    """Load a registered model version (``NAME@alias`` / ``NAME/version``) for attacking.
+
+    Returns:
+        (model, ModelVersion); the model maps images in [0, 1], (N, 3, H, W), to logits (N, K),
+        is in eval mode and has ``classes`` (from the version's ``model.classes`` tag).
+    """
+    import mlflow.pytorch
+    import torch
+
+    client = _client(params, workdir)
+    mv = get_model_version(client, spec)
+    loaded = mlflow.pytorch.load_model(f"models:/{mv.name}/{mv.version}")
+    classes = json.loads(mv.tags.get("model.classes", "null")) or getattr(loaded, "classes", None)
+    if not classes:
+        raise LookupError(f"{mv.name} v{mv.version} has no model.classes tag")
+
+    class Registered(torch.nn.Module):
+        """A loaded model (pickled nn.Module or torch.export GraphModule) with its classes."""
+
+        def __init__(self, inner: torch.nn.Module, classes: list[str]):
+            super().__init__()
+            self.inner = inner
+            self.classes = list(classes)
+
+        def forward(self, x01: torch.Tensor) -> torch.Tensor:
+            return self.inner(x01)
+
+        def train(self, mode: bool = True) -> Registered:
+            # An exported program is frozen in the mode it was traced in (eval) and raises on
+            # .train()/.eval(); set the flags directly so callers can still ask for eval mode.
+            for module in self.modules():
+                module.training = mode
+            return self
+
+    return Registered(loaded, classes).eval(), mv
+
+
+def log_attack_eval(
+    params: Params, workdir: Path, mv, *, metrics: dict[str, float], artifacts: list[Path]
+) -> str:
+    """One run recording an on-demand attack evaluation of a registered model version."""
+    import mlflow
+
+    uri = tracking_uri(params, workdir)
+    mlflow.set_tracking_uri(uri)
+    exp_id = _experiment_id(mlflow, params, workdir, uri)
+    tags = {
+        **git_state(workdir),
+        "eval.model": mv.name,
+        "eval.version": str(mv.version),
+        "eval.source_run_id": mv.run_id or "",
+        "params.hash": params.section_hash(),
+    }
+    with mlflow.start_run(experiment_id=exp_id, run_name="attack-eval", tags=tags) as run:
+        mlflow.log_params({k: v for k, v in params.flat().items() if k.startswith("attack.")})
+        mlflow.log_metrics(metrics)
+        for path in artifacts:
+            mlflow.log_artifact(str(path))
+    return run.info.run_id

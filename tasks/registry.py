@@ -1,0 +1,23 @@
+"""Prefect tasks that work on the model registry rather than on workspace files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import task
+
+from tasks.stages import HEAVY_TAG, NETWORK_TAG
+from transferlab.config import load_params
+from transferlab.stages import attack_registered
+
+
+# No result cache: the same alias can point at a new version tomorrow.
+@task(
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    timeout_seconds=6 * 3600,
+    tags={HEAVY_TAG, NETWORK_TAG, "stage:attack-eval"},
+)
+def attack_registered_model(model: str, params_path: str, workdir: str) -> dict:
+    """Attack the registered model ``model`` (``NAME@alias`` / ``NAME/version``) and log it."""
+    return attack_registered(load_params(params_path), Path(workdir), model=model)
