@@ -163,19 +163,19 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
             f"output folder {out_dir} is inside data.source.path {root}; its images would become "
             f"a class on the next run: write the dataset elsewhere"
         )
-    files, classes = list_source(params.source)
-    if not files:
-        exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        found = ", ".join(classes) or "none"
-        raise DataSourceError(
-            f"no images found under {root} (class folders: {found}); expected "
-            f"<class>/<image> files ending in one of: {exts}"
-        )
-
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     # Inside out_dir, so the final renames stay on one filesystem and are atomic.
     tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=out_dir))
     try:
+        files, classes = list_source(params.source, tmp / "src")
+        if not files:
+            exts = " ".join(sorted(IMAGE_EXTENSIONS))
+            found = ", ".join(classes) or "none"
+            raise DataSourceError(
+                f"no images found under {root} (class folders: {found}); expected "
+                f"<class>/<image> files ending in one of: {exts}"
+            )
         new = tmp / "new"
         jobs = [
             _Job(
@@ -201,6 +201,13 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
             json.dumps(rejected, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         _swap_in(new, tmp / "previous", out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created:
+            # A failed first pull leaves no trace (the folder is empty once tmp is gone).
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PullResult(
