@@ -163,12 +163,13 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
             f"output folder {out_dir} is inside data.source.path {root}; its images would become "
             f"a class on the next run: write the dataset elsewhere"
         )
-    created = not out_dir.exists()
+    created, listed = not out_dir.exists(), False
     out_dir.mkdir(parents=True, exist_ok=True)
     # Inside out_dir, so the final renames stay on one filesystem and are atomic.
     tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=out_dir))
     try:
         files, classes = list_source(params.source, tmp / "src")
+        listed = True
         if not files:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))
             found = ", ".join(classes) or "none"
@@ -203,8 +204,8 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
         _swap_in(new, tmp / "previous", out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if created:
-            # A failed first pull leaves no trace (the folder is empty once tmp is gone).
+        if created and not listed:
+            # A source that cannot be listed leaves no trace (out_dir is empty without tmp).
             with contextlib.suppress(OSError):
                 out_dir.rmdir()
         raise
