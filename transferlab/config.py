@@ -76,8 +76,9 @@ class TuxpaintSource(Section):
 
 # Sources that are not a local folder still have a `path`: dvc.yaml's pull stage depends on
 # `${data.source.path}`. For files on this machine it is their location; for downloads it is
-# the cache folder they land in (created when missing), so DVC sees the bytes that were pulled.
-DOWNLOADS = Path(".transferlab/downloads")
+# the cache folder they land in, so DVC sees the bytes that were pulled. The default, downloads/,
+# is in git (empty but for its .gitignore) because DVC refuses to run a stage whose dep is missing.
+DOWNLOADS = Path("downloads")
 
 
 class ManifestSource(Section):
@@ -111,7 +112,7 @@ class HttpSource(Section):
     kind: Literal["http"] = "http"
     url: str = Field(pattern=r"^https?://")
     sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="required: checks the bytes")
-    path: Path = DOWNLOADS / "http"
+    path: Path = DOWNLOADS
     # folder inside the archive whose subfolders are the classes ("" = the archive's root, or
     # its only top-level folder)
     root: str = ""
@@ -130,7 +131,7 @@ class S3Source(Section):
     url: str = Field(pattern=r"^s3://[^/]+")
     endpoint_url: str | None = None
     region: str | None = None
-    path: Path = DOWNLOADS / "s3"
+    path: Path = DOWNLOADS
     workers: int = Field(16, ge=1, description="parallel downloads")
     retries: int = Field(4, ge=0)
     timeout: float = Field(10.0, gt=0)
@@ -157,7 +158,7 @@ class TorchvisionSource(Section):
 
     kind: Literal["torchvision"] = "torchvision"
     name: Literal[TORCHVISION_DATASETS]  # type: ignore[valid-type]
-    path: Path = DOWNLOADS / "torchvision"
+    path: Path = DOWNLOADS
     # the dataset's own split names: train/test (CIFAR, MNIST), train/val/test (Flowers102,
     # DTD), trainval/test (OxfordIIITPet); ignored by the datasets without splits
     split: str = "train"
@@ -184,7 +185,7 @@ class FashionMnistSource(Section):
 
     kind: Literal["fashion_mnist"] = "fashion_mnist"
     path: Path = Path("/usr/share/datasets/fashion-mnist")
-    cache: Path = DOWNLOADS / "torchvision"
+    cache: Path = DOWNLOADS
     splits: tuple[Literal["train", "t10k"], ...] = ("train", "t10k")
     per_class: int | None = Field(None, ge=1, description="keep at most this many per class")
 
