@@ -293,9 +293,13 @@ def _too_few_classes(
     )
     reasons = Counter(_reason_kind(r["reason"]) for r in rejected).most_common(3)
     why = f"; rejected as {', '.join(f'{k} ({n})' for k, n in reasons)}" if reasons else ""
+    fix = "add a subfolder of images per class"
+    if reasons and reasons[0][0] == "too small":
+        # MNIST-family sources are 28x28, under the default min_size.
+        fix = "lower data.min_size (28 for the MNIST family) or " + fix
     return (
         f"{len(kept)} class(es) with usable images under {root} ({found or 'no class folders'})"
-        f"{why}; a classifier needs at least 2: add a subfolder of images per class"
+        f"{why}; a classifier needs at least 2: {fix}"
     )
 
 
