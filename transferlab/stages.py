@@ -66,8 +66,11 @@ def read_json(path: Path) -> dict:
 def pull(params: Params, root: Path) -> dict:
     """Validate the source's images and copy them under ``data/`` with a manifest."""
     from transferlab.data import pull_dataset
+    from transferlab.data.split import min_class_size
 
-    result = pull_dataset(params.data, root / "data")
+    # Only to warn early about classes the split will refuse; the outputs do not depend on it.
+    need = min_class_size(val=params.split.val, test=params.split.test)
+    result = pull_dataset(params.data, root / "data", min_per_class=need)
     return {"kept": result.kept, "rejected": result.n_rejected}
 
 

@@ -51,12 +51,16 @@ class PullResult:
         rejected: ``out_dir / "rejected.json"``.
         kept: accepted images per class, for every class that kept at least one.
         n_rejected: number of files rejected.
+        empty: classes of the source left without a single usable image (left out).
+        small: classes with fewer usable images than ``min_per_class``, with their count.
     """
 
     manifest: Path
     rejected: Path
     kept: dict[str, int]
     n_rejected: int
+    empty: tuple[str, ...] = ()
+    small: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,13 @@ def _run_checks(jobs: Sequence[_Job], workers: int | None) -> Iterator[_Checked]
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = None) -> PullResult:
+def pull_dataset(
+    params: DataParams,
+    out_dir: Path,
+    *,
+    workers: int | None = None,
+    min_per_class: int | None = None,
+) -> PullResult:
     """Check every image of ``params.source`` and write the dataset to ``out_dir``.
 
     Each candidate is decoded with :func:`~transferlab.data.images.open_rgb` rules (plus
@@ -149,6 +159,8 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
         out_dir: where ``images/``, ``manifest.csv`` and ``rejected.json`` go.
         workers: processes for decoding; ``None`` picks from the CPU count and the bytes to
             decode, ``1`` decodes in this process.
+        min_per_class: warn about classes with fewer usable images (what the split needs,
+            see :func:`~transferlab.data.split.min_class_size`); ``None``: no check.
 
     Returns:
         Paths written and counts.
@@ -195,6 +207,7 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
         rows, rejected = _collect(files, results, new)
         kept = Counter(row["label"] for row in rows)
         _summarise(files, classes, kept, rejected)
+        empty, small = _check_class_sizes(root, files, classes, kept, min_per_class)
         if len(kept) < 2:
             raise DataSourceError(_too_few_classes(root, classes, files, kept, rejected))
         write_csv_atomic(new / MANIFEST_NAME, MANIFEST_COLUMNS, rows)
@@ -216,6 +229,8 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
         rejected=out_dir / REJECTED_NAME,
         kept=dict(sorted(kept.items())),
         n_rejected=len(rejected),
+        empty=empty,
+        small=small,
     )
 
 
@@ -277,6 +292,40 @@ def _summarise(
                 label,
                 rejected_per_class[label],
             )
+
+
+def _check_class_sizes(
+    root: Path,
+    files: Sequence[SourceFile],
+    classes: Sequence[str],
+    kept: Counter[str],
+    min_per_class: int | None,
+) -> tuple[tuple[str, ...], dict[str, int]]:
+    """Warn, naming them, about classes that are empty or too small to split; say what to do."""
+    candidates = Counter(f.label for f in files)
+    empty = tuple(c for c in classes if not kept[c])
+    for c in empty:
+        why = f"all {candidates[c]} file(s) rejected" if candidates[c] else "no image files"
+        log.warning(
+            "class %r has no usable images (%s): it is left out of the dataset; add images "
+            "to it in %s or remove it from the source (see rejected.json for the reasons)",
+            c,
+            why,
+            root,
+        )
+    small: dict[str, int] = {}
+    if min_per_class is not None:
+        small = {c: n for c, n in sorted(kept.items()) if n < min_per_class}
+        if small:
+            listed = ", ".join(f"{c!r}: {n}" for c, n in small.items())
+            log.warning(
+                "too few usable images for the split in %s (need %d per class with the current "
+                "split.val/split.test): add images to those classes, lower split.val/split.test, "
+                "or remove the classes",
+                listed,
+                min_per_class,
+            )
+    return empty, small
 
 
 def _too_few_classes(
