@@ -316,6 +316,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     """Plots, the results table, and one MLflow run (nested per method) with the lineage."""
     from transferlab.classifiers import load_classifier
     from transferlab.data import manifest_hash
+    from transferlab.data.version import data_version_tags
     from transferlab.html_report import write_html_report
     from transferlab.method_report import METHODS, method_record
     from transferlab.report import plot_robustness, results_table
@@ -368,6 +369,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
         **git_state(root),
         "params.hash": params.section_hash(),
         "data.manifest_hash": manifest_hash(root / MANIFEST),
+        **data_version_tags(root),
         **(context or {}),
     }
     ids = log_pipeline_run(params, root, tags=tags, methods=records, artifacts=[plot])
