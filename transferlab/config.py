@@ -458,6 +458,21 @@ SOURCE_KINDS = (
 )
 
 
+_SOURCE_MODELS: dict[str, type[BaseModel]] = {
+    m.model_fields["kind"].default: m
+    for m in (
+        FolderSource,
+        TuxpaintSource,
+        ManifestSource,
+        IdxSource,
+        HttpSource,
+        S3Source,
+        TorchvisionSource,
+        FashionMnistSource,
+    )
+}
+
+
 def _one_line(err: ValidationError, file: Path) -> str:
     first = err.errors()[0]
     loc = tuple(p for p in first["loc"] if p not in SOURCE_KINDS)
@@ -465,6 +480,10 @@ def _one_line(err: ValidationError, file: Path) -> str:
     kind = first["type"]
     if kind == "extra_forbidden":
         owner = _model_at(loc[:-1])
+        # An unknown key in data.source: list the keys of the kind that was meant.
+        tags = [p for p in first["loc"] if p in SOURCE_KINDS]
+        if tags and loc[:-1] == ("data", "source"):
+            owner = _SOURCE_MODELS.get(tags[0], owner)
         allowed = ", ".join(owner.model_fields) if owner else "see params.yaml"
         return f"{file}: unknown key '{key}'; allowed keys here: {allowed}"
     msg = first["msg"].removeprefix("Value error, ")

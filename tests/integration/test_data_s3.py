@@ -89,6 +89,7 @@ def test_missing_bucket_is_a_clear_error(moto, tmp_path: Path) -> None:
     with pytest.raises(DataSourceError, match="bucket 'no-such-bucket' does not exist"):
         pull_dataset(DataParams(source=source), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "dl").exists()
 
 
 def test_wrong_credentials_are_a_clear_error(tmp_path: Path, monkeypatch) -> None:

@@ -168,12 +168,12 @@ def sync_prefix(source: S3Source, *, client=None) -> SyncResult:
 
     bucket, prefix = parse_url(source.url)
     root = Path(source.path).expanduser().resolve() / bucket / prefix
-    root.mkdir(parents=True, exist_ok=True)
     client = client or make_client(source)
     try:
         objects, classes = _list(client, bucket, prefix)
     except (BotoCoreError, ClientError) as exc:
         raise _explain(exc, source) from exc
+    root.mkdir(parents=True, exist_ok=True)
     index_path = root / INDEX_NAME
     index = _read_index(index_path)
     todo = []

@@ -217,3 +217,14 @@ def test_unknown_torchvision_name_fails_at_config_time() -> None:
 
     with pytest.raises(ValidationError):
         TorchvisionSource(name="ImageNet")
+
+
+def test_unknown_source_key_lists_the_keys_of_that_kind(tmp_path: Path) -> None:
+    from transferlab.config import ParamsError, load_params
+
+    p = tmp_path / "params.yaml"
+    p.write_text("data:\n  source: {kind: s3, url: 's3://b/p', endpont_url: x}\n")
+    with pytest.raises(
+        ParamsError, match="endpont_url.*allowed keys here: kind, url, endpoint_url"
+    ):
+        load_params(p)
