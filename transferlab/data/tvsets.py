@@ -40,6 +40,8 @@ def load_torchvision(name: str, root: Path, *, split: str, download: bool):
     except RuntimeError as exc:  # torchvision's "Dataset not found or corrupted"
         hint = "set data.source.download: true" if not download else "check the network"
         raise DataSourceError(f"torchvision {name} in {root}: {exc}; {hint}") from None
+    except ValueError as exc:  # verify_str_arg: a split name this dataset does not have
+        raise DataSourceError(f"torchvision {name}: {exc}; fix data.source.split") from None
     except OSError as exc:
         raise DataSourceError(f"torchvision {name}: download into {root} failed: {exc}") from None
 

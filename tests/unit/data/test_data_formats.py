@@ -228,3 +228,12 @@ def test_unknown_source_key_lists_the_keys_of_that_kind(tmp_path: Path) -> None:
         ParamsError, match="endpont_url.*allowed keys here: kind, url, endpoint_url"
     ):
         load_params(p)
+
+
+def test_torchvision_split_name_is_checked(tmp_path: Path) -> None:
+    source = TorchvisionSource(name="MNIST", path=tmp_path, split="val", download=False)
+    with pytest.raises(DataSourceError, match="train and test"):
+        list_source(source, tmp_path / "scratch")
+    source = TorchvisionSource(name="DTD", path=tmp_path, split="nope", download=False)
+    with pytest.raises(DataSourceError, match="data.source.split"):
+        list_source(source, tmp_path / "scratch")
