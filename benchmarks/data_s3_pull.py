@@ -40,7 +40,7 @@ def timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--images", type=int, default=5000)
-    ap.add_argument("--workers", type=int, default=16)
+    ap.add_argument("--workers", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds; best of each")
     ap.add_argument("--aws", default=shutil.which("aws") or "/tmp/awscli/bin/aws")
     args = ap.parse_args()

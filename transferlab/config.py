@@ -132,7 +132,8 @@ class S3Source(Section):
     endpoint_url: str | None = None
     region: str | None = None
     path: Path = DOWNLOADS
-    workers: int = Field(16, ge=1, description="parallel downloads")
+    # 10, like aws s3 sync's max_concurrent_requests: more threads only add GIL contention
+    workers: int = Field(10, ge=1, description="parallel downloads")
     retries: int = Field(4, ge=0)
     timeout: float = Field(10.0, gt=0)
 
