@@ -207,7 +207,7 @@ def pull_dataset(
         rows, rejected = _collect(files, results, new)
         kept = Counter(row["label"] for row in rows)
         _summarise(files, classes, kept, rejected)
-        empty, small = _check_class_sizes(root, files, classes, kept, min_per_class)
+        empty, small = _check_class_sizes(classes, kept, min_per_class)
         if len(kept) < 2:
             raise DataSourceError(_too_few_classes(root, classes, files, kept, rejected))
         write_csv_atomic(new / MANIFEST_NAME, MANIFEST_COLUMNS, rows)
@@ -295,24 +295,13 @@ def _summarise(
 
 
 def _check_class_sizes(
-    root: Path,
-    files: Sequence[SourceFile],
     classes: Sequence[str],
     kept: Counter[str],
     min_per_class: int | None,
 ) -> tuple[tuple[str, ...], dict[str, int]]:
-    """Warn, naming them, about classes that are empty or too small to split; say what to do."""
-    candidates = Counter(f.label for f in files)
+    """Empty classes, and classes too small to split (warned about, with what to do)."""
+    # _summarise already warns about each empty class and what to do.
     empty = tuple(c for c in classes if not kept[c])
-    for c in empty:
-        why = f"all {candidates[c]} file(s) rejected" if candidates[c] else "no image files"
-        log.warning(
-            "class %r has no usable images (%s): it is left out of the dataset; add images "
-            "to it in %s or remove it from the source (see rejected.json for the reasons)",
-            c,
-            why,
-            root,
-        )
     small: dict[str, int] = {}
     if min_per_class is not None:
         small = {c: n for c, n in sorted(kept.items()) if n < min_per_class}
