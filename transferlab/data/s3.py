@@ -164,7 +164,13 @@ def sync_prefix(source: S3Source, *, client=None) -> SyncResult:
         DataSourceError: wrong credentials, missing bucket, unreachable endpoint after the
             retries; files already complete stay, nothing half-written is left.
     """
-    from botocore.exceptions import BotoCoreError, ClientError
+    from botocore.exceptions import (
+        BotoCoreError,
+        ClientError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
 
     bucket, prefix = parse_url(source.url)
     root = Path(source.path).expanduser().resolve() / bucket / prefix
@@ -193,10 +199,17 @@ def sync_prefix(source: S3Source, *, client=None) -> SyncResult:
         try:
             # One GetObject per file: download_file would add a HeadObject and start a thread
             # pool per call, which doubles the requests for small images.
-            body = client.get_object(Bucket=bucket, Key=o.key)["Body"]
-            with body, open(tmp, "wb") as f:
-                for chunk in body.iter_chunks(1 << 20):
-                    f.write(chunk)
+            for attempt in range(source.retries + 1):
+                try:
+                    body = client.get_object(Bucket=bucket, Key=o.key)["Body"]
+                    with body, open(tmp, "wb") as f:
+                        for chunk in body.iter_chunks(1 << 20):
+                            f.write(chunk)
+                    break
+                except (IncompleteReadError, ResponseStreamingError, ReadTimeoutError):
+                    # botocore retries the request, not a body cut mid-stream: ask again.
+                    if attempt == source.retries:
+                        raise
             if tmp.stat().st_size != o.size:
                 raise DataSourceError(
                     f"s3://{bucket}/{o.key}: got {tmp.stat().st_size} bytes, listed {o.size}"
