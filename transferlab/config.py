@@ -74,7 +74,134 @@ class TuxpaintSource(Section):
     classes: dict[str, tuple[str, ...]] = Field(default_factory=lambda: dict(TUXPAINT_CLASSES))
 
 
-Source = Annotated[FolderSource | TuxpaintSource, Field(discriminator="kind")]
+# Sources that are not a local folder still have a `path`: dvc.yaml's pull stage depends on
+# `${data.source.path}`. For files on this machine it is their location; for downloads it is
+# the cache folder they land in, so DVC sees the bytes that were pulled. The default, downloads/,
+# is in git (empty but for its .gitignore) because DVC refuses to run a stage whose dep is missing.
+DOWNLOADS = Path("downloads")
+
+
+class ManifestSource(Section):
+    """A CSV (``path,label`` header) or JSON list of ``{"path": ..., "label": ...}`` objects.
+
+    Paths are relative to the manifest file's folder.
+    """
+
+    kind: Literal["manifest"] = "manifest"
+    path: Path
+
+
+class IdxSource(Section):
+    """IDX files of the MNIST family (Fashion-MNIST, MNIST, KMNIST, EMNIST), gzip or raw.
+
+    ``path`` is the folder holding ``<split>-images-idx3-ubyte[.gz]`` and
+    ``<split>-labels-idx1-ubyte[.gz]``; the images are written as PNG into the dataset.
+    """
+
+    kind: Literal["idx"] = "idx"
+    path: Path
+    splits: tuple[str, ...] = ("train", "t10k")
+    # label index -> class name; digits when empty
+    classes: tuple[str, ...] = ()
+    per_class: int | None = Field(None, ge=1, description="keep at most this many per class")
+
+
+class HttpSource(Section):
+    """A .tar.gz, .tgz, .tar or .zip archive of ``<class>/<image>`` folders over HTTP(S)."""
+
+    kind: Literal["http"] = "http"
+    url: str = Field(pattern=r"^https?://")
+    sha256: str = Field(pattern=r"^[0-9a-fA-F]{64}$", description="required: checks the bytes")
+    path: Path = DOWNLOADS
+    # folder inside the archive whose subfolders are the classes ("" = the archive's root, or
+    # its only top-level folder)
+    root: str = ""
+    retries: int = Field(5, ge=0)
+    timeout: float = Field(30.0, gt=0)
+
+
+class S3Source(Section):
+    """``s3://bucket/prefix/<class>/...``: the next prefix level is the class.
+
+    Credentials come from the standard AWS chain (environment, profile, instance role), never
+    from params.
+    """
+
+    kind: Literal["s3"] = "s3"
+    url: str = Field(pattern=r"^s3://[^/]+")
+    endpoint_url: str | None = None
+    region: str | None = None
+    path: Path = DOWNLOADS
+    # 10, like aws s3 sync's max_concurrent_requests: more threads only add GIL contention
+    workers: int = Field(10, ge=1, description="parallel downloads")
+    retries: int = Field(4, ge=0)
+    timeout: float = Field(10.0, gt=0)
+
+
+TORCHVISION_DATASETS = (
+    "CIFAR10",
+    "CIFAR100",
+    "FashionMNIST",
+    "MNIST",
+    "Flowers102",
+    "OxfordIIITPet",
+    "Food101",
+    "Caltech101",
+    "DTD",
+    "EuroSAT",
+    "STL10",
+    "SVHN",
+)
+
+
+class TorchvisionSource(Section):
+    """A torchvision dataset by name, fetched by its own downloader into ``path``."""
+
+    kind: Literal["torchvision"] = "torchvision"
+    name: Literal[TORCHVISION_DATASETS]  # type: ignore[valid-type]
+    path: Path = DOWNLOADS
+    # the dataset's own split names: train/test (CIFAR, MNIST), train/val/test (Flowers102,
+    # DTD), trainval/test (OxfordIIITPet); ignored by the datasets without splits
+    split: str = "train"
+    download: bool = True
+    per_class: int | None = Field(None, ge=1, description="keep at most this many per class")
+
+
+FASHION_MNIST_CLASSES = (
+    "T-shirt_top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+class FashionMnistSource(Section):
+    """Debian's ``dataset-fashion-mnist``; torchvision's downloader into ``cache`` without it."""
+
+    kind: Literal["fashion_mnist"] = "fashion_mnist"
+    path: Path = Path("/usr/share/datasets/fashion-mnist")
+    cache: Path = DOWNLOADS
+    splits: tuple[Literal["train", "t10k"], ...] = ("train", "t10k")
+    per_class: int | None = Field(None, ge=1, description="keep at most this many per class")
+
+
+Source = Annotated[
+    FolderSource
+    | TuxpaintSource
+    | ManifestSource
+    | IdxSource
+    | HttpSource
+    | S3Source
+    | TorchvisionSource
+    | FashionMnistSource,
+    Field(discriminator="kind"),
+]
 
 
 class DataParams(Section):
@@ -344,13 +471,44 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+SOURCE_KINDS = (
+    "folder",
+    "tuxpaint_photos",
+    "manifest",
+    "idx",
+    "http",
+    "s3",
+    "torchvision",
+    "fashion_mnist",
+)
+
+
+_SOURCE_MODELS: dict[str, type[BaseModel]] = {
+    m.model_fields["kind"].default: m
+    for m in (
+        FolderSource,
+        TuxpaintSource,
+        ManifestSource,
+        IdxSource,
+        HttpSource,
+        S3Source,
+        TorchvisionSource,
+        FashionMnistSource,
+    )
+}
+
+
 def _one_line(err: ValidationError, file: Path) -> str:
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if p not in ("folder", "tuxpaint_photos"))
+    loc = tuple(p for p in first["loc"] if p not in SOURCE_KINDS)
     key = ".".join(str(p) for p in loc) or "<top level>"
     kind = first["type"]
     if kind == "extra_forbidden":
         owner = _model_at(loc[:-1])
+        # An unknown key in data.source: list the keys of the kind that was meant.
+        tags = [p for p in first["loc"] if p in SOURCE_KINDS]
+        if tags and loc[:-1] == ("data", "source"):
+            owner = _SOURCE_MODELS.get(tags[0], owner)
         allowed = ", ".join(owner.model_fields) if owner else "see params.yaml"
         return f"{file}: unknown key '{key}'; allowed keys here: {allowed}"
     msg = first["msg"].removeprefix("Value error, ")

@@ -67,8 +67,11 @@ def read_json(path: Path) -> dict:
 def pull(params: Params, root: Path) -> dict:
     """Validate the source's images and copy them under ``data/`` with a manifest."""
     from transferlab.data import pull_dataset
+    from transferlab.data.split import min_class_size
 
-    result = pull_dataset(params.data, root / "data")
+    # Only to warn early about classes the split will refuse; the outputs do not depend on it.
+    need = min_class_size(val=params.split.val, test=params.split.test)
+    result = pull_dataset(params.data, root / "data", min_per_class=need)
     return {"kept": result.kept, "rejected": result.n_rejected}
 
 
@@ -314,6 +317,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     """Plots, the results table, and one MLflow run (nested per method) with the lineage."""
     from transferlab.classifiers import load_classifier
     from transferlab.data import manifest_hash
+    from transferlab.data.version import data_version_tags
     from transferlab.html_report import write_html_report
     from transferlab.method_report import METHODS, method_record
     from transferlab.report import plot_robustness, results_table
@@ -366,6 +370,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
         **git_state(root),
         "params.hash": params.section_hash(),
         "data.manifest_hash": manifest_hash(root / MANIFEST),
+        **data_version_tags(root),
         **(context or {}),
     }
     ids = log_pipeline_run(params, root, tags=tags, methods=records, artifacts=[plot])

@@ -88,6 +88,11 @@ def test_dvc_repro_produces_metrics_and_a_tracked_run(dvc_workspace):
     for method in ("svm", "top", "full"):
         version = mlflow_client(ws).get_model_version_by_alias(f"tiny-{method}", "candidate")
         assert version.run_id == next(r for r in runs if r.info.run_name == method).info.run_id
+    # The data version is the hash dvc.lock records for the pulled images.
+    from transferlab.data.version import lock_hash
+
+    assert child.data.tags["data.dvc_hash"] == lock_hash(ws)
+    assert child.data.tags["data.dvc_hash_source"] == "dvc.lock"
 
 
 def test_second_dvc_repro_is_a_no_op(dvc_workspace):
@@ -113,6 +118,11 @@ def test_prefect_flow_gives_the_same_metrics_and_caches(tmp_path, tiny_dataset, 
     runs = mlflow_runs(ws)
     parent = next(r for r in runs if r.info.run_name == "pipeline")
     assert parent.data.tags["prefect.flow_run_id"]
+    # No dvc.lock here: the same hash, computed the way DVC does, for the same images.
+    from transferlab.data.version import lock_hash
+
+    assert parent.data.tags["data.dvc_hash"] == lock_hash(dvc_workspace)
+    assert parent.data.tags["data.dvc_hash_source"] == "computed"
     # the second run is served from the result cache: nothing recomputed, nothing re-logged
     assert second == first
     assert (ws / "features/features.npz").stat().st_mtime_ns == features_mtime

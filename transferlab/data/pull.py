@@ -51,12 +51,16 @@ class PullResult:
         rejected: ``out_dir / "rejected.json"``.
         kept: accepted images per class, for every class that kept at least one.
         n_rejected: number of files rejected.
+        empty: classes of the source left without a single usable image (left out).
+        small: classes with fewer usable images than ``min_per_class``, with their count.
     """
 
     manifest: Path
     rejected: Path
     kept: dict[str, int]
     n_rejected: int
+    empty: tuple[str, ...] = ()
+    small: dict[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -137,7 +141,13 @@ def _run_checks(jobs: Sequence[_Job], workers: int | None) -> Iterator[_Checked]
             pool.shutdown(wait=True, cancel_futures=True)
 
 
-def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = None) -> PullResult:
+def pull_dataset(
+    params: DataParams,
+    out_dir: Path,
+    *,
+    workers: int | None = None,
+    min_per_class: int | None = None,
+) -> PullResult:
     """Check every image of ``params.source`` and write the dataset to ``out_dir``.
 
     Each candidate is decoded with :func:`~transferlab.data.images.open_rgb` rules (plus
@@ -149,6 +159,8 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
         out_dir: where ``images/``, ``manifest.csv`` and ``rejected.json`` go.
         workers: processes for decoding; ``None`` picks from the CPU count and the bytes to
             decode, ``1`` decodes in this process.
+        min_per_class: warn about classes with fewer usable images (what the split needs,
+            see :func:`~transferlab.data.split.min_class_size`); ``None``: no check.
 
     Returns:
         Paths written and counts.
@@ -163,19 +175,20 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
             f"output folder {out_dir} is inside data.source.path {root}; its images would become "
             f"a class on the next run: write the dataset elsewhere"
         )
-    files, classes = list_source(params.source)
-    if not files:
-        exts = " ".join(sorted(IMAGE_EXTENSIONS))
-        found = ", ".join(classes) or "none"
-        raise DataSourceError(
-            f"no images found under {root} (class folders: {found}); expected "
-            f"<class>/<image> files ending in one of: {exts}"
-        )
-
+    created, listed = not out_dir.exists(), False
     out_dir.mkdir(parents=True, exist_ok=True)
     # Inside out_dir, so the final renames stay on one filesystem and are atomic.
     tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=out_dir))
     try:
+        files, classes = list_source(params.source, tmp / "src")
+        listed = True
+        if not files:
+            exts = " ".join(sorted(IMAGE_EXTENSIONS))
+            found = ", ".join(classes) or "none"
+            raise DataSourceError(
+                f"no images found under {root} (class folders: {found}); expected "
+                f"<class>/<image> files ending in one of: {exts}"
+            )
         new = tmp / "new"
         jobs = [
             _Job(
@@ -194,6 +207,7 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
         rows, rejected = _collect(files, results, new)
         kept = Counter(row["label"] for row in rows)
         _summarise(files, classes, kept, rejected)
+        empty, small = _check_class_sizes(classes, kept, min_per_class)
         if len(kept) < 2:
             raise DataSourceError(_too_few_classes(root, classes, files, kept, rejected))
         write_csv_atomic(new / MANIFEST_NAME, MANIFEST_COLUMNS, rows)
@@ -201,6 +215,13 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
             json.dumps(rejected, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         _swap_in(new, tmp / "previous", out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if created and not listed:
+            # A source that cannot be listed leaves no trace (out_dir is empty without tmp).
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return PullResult(
@@ -208,6 +229,8 @@ def pull_dataset(params: DataParams, out_dir: Path, *, workers: int | None = Non
         rejected=out_dir / REJECTED_NAME,
         kept=dict(sorted(kept.items())),
         n_rejected=len(rejected),
+        empty=empty,
+        small=small,
     )
 
 
@@ -271,6 +294,29 @@ def _summarise(
             )
 
 
+def _check_class_sizes(
+    classes: Sequence[str],
+    kept: Counter[str],
+    min_per_class: int | None,
+) -> tuple[tuple[str, ...], dict[str, int]]:
+    """Empty classes, and classes too small to split (warned about, with what to do)."""
+    # _summarise already warns about each empty class and what to do.
+    empty = tuple(c for c in classes if not kept[c])
+    small: dict[str, int] = {}
+    if min_per_class is not None:
+        small = {c: n for c, n in sorted(kept.items()) if n < min_per_class}
+        if small:
+            listed = ", ".join(f"{c!r}: {n}" for c, n in small.items())
+            log.warning(
+                "too few usable images for the split in %s (need %d per class with the current "
+                "split.val/split.test): add images to those classes, lower split.val/split.test, "
+                "or remove the classes",
+                listed,
+                min_per_class,
+            )
+    return empty, small
+
+
 def _too_few_classes(
     root: Path,
     classes: Sequence[str],
@@ -285,9 +331,13 @@ def _too_few_classes(
     )
     reasons = Counter(_reason_kind(r["reason"]) for r in rejected).most_common(3)
     why = f"; rejected as {', '.join(f'{k} ({n})' for k, n in reasons)}" if reasons else ""
+    fix = "add a subfolder of images per class"
+    if reasons and reasons[0][0] == "too small":
+        # MNIST-family sources are 28x28, under the default min_size.
+        fix = "lower data.min_size (28 for the MNIST family) or " + fix
     return (
         f"{len(kept)} class(es) with usable images under {root} ({found or 'no class folders'})"
-        f"{why}; a classifier needs at least 2: add a subfolder of images per class"
+        f"{why}; a classifier needs at least 2: {fix}"
     )
 
 

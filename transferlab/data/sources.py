@@ -11,7 +11,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from transferlab.config import FolderSource, TuxpaintSource
+from transferlab.config import (
+    FashionMnistSource,
+    FolderSource,
+    HttpSource,
+    IdxSource,
+    ManifestSource,
+    S3Source,
+    TorchvisionSource,
+    TuxpaintSource,
+)
 
 log = logging.getLogger(__name__)
 
@@ -43,23 +52,31 @@ class SourceFile:
         path: absolute path of the file.
         label: its class.
         rel: its path inside the class, used as ``images/<label>/<rel>`` in the dataset.
+        origin: where it came from when that is not ``path`` (an S3 or HTTP URI, an IDX record).
     """
 
     path: Path
     label: str
     rel: PurePosixPath
+    origin: str = ""
 
     @property
     def uri(self) -> str:
-        """``file://`` URI of the original, as recorded in the manifest."""
-        return self.path.as_uri()
+        """URI of the original, as recorded in the manifest: ``origin`` or ``file://`` path."""
+        return self.origin or self.path.as_uri()
 
 
-def list_source(source: FolderSource | TuxpaintSource) -> tuple[list[SourceFile], list[str]]:
-    """List the candidate images of ``source``.
+def list_source(source, scratch: Path | None = None) -> tuple[list[SourceFile], list[str]]:
+    """List the candidate images of ``source``, fetching or converting them first if needed.
+
+    Folders, presets on disk and manifests are listed in place. HTTP archives, S3 prefixes and
+    torchvision datasets are downloaded into their cache (``source.path``) first; IDX files and
+    torchvision datasets are written as PNG files into ``scratch``.
 
     Args:
         source: the ``data.source`` section.
+        scratch: an empty folder for converted images (needed by idx, fashion_mnist,
+            torchvision); the caller removes it after the images are copied.
 
     Returns:
         ``(files, classes)``: files sorted by ``(label, rel)``; every class the source defines,
@@ -72,6 +89,18 @@ def list_source(source: FolderSource | TuxpaintSource) -> tuple[list[SourceFile]
         return _list_tuxpaint(source)
     if isinstance(source, FolderSource):
         return _list_folder(source)
+    if isinstance(source, ManifestSource):
+        return _list_manifest(source)
+    if isinstance(source, HttpSource):
+        return _list_http(source)
+    if isinstance(source, S3Source):
+        return _list_s3(source)
+    if isinstance(source, IdxSource | FashionMnistSource | TorchvisionSource):
+        if scratch is None:
+            raise ValueError(f"a {source.kind} source needs a scratch folder for its PNG files")
+        if isinstance(source, TorchvisionSource):
+            return _list_torchvision(source, scratch)
+        return _list_idx(source, scratch)
     raise DataSourceError(f"unknown data source kind {getattr(source, 'kind', source)!r}")
 
 
@@ -95,8 +124,10 @@ def _walk_images(
     return sorted(found)
 
 
-def _list_folder(source: FolderSource) -> tuple[list[SourceFile], list[str]]:
-    root = source.path.expanduser().resolve()
+def _list_folder(
+    source: FolderSource, root: Path | None = None, origin: str = ""
+) -> tuple[list[SourceFile], list[str]]:
+    root = root or source.path.expanduser().resolve()
     if not root.is_dir():
         what = "is not a folder" if root.exists() else "does not exist"
         raise DataSourceError(
@@ -115,7 +146,8 @@ def _list_folder(source: FolderSource) -> tuple[list[SourceFile], list[str]]:
         classes.append(entry.name)
         for path in _walk_images(entry, IMAGE_EXTENSIONS):
             rel = PurePosixPath(path.relative_to(entry).as_posix())
-            files.append(SourceFile(path=path, label=entry.name, rel=rel))
+            where = f"{origin}#{entry.name}/{rel}" if origin else ""
+            files.append(SourceFile(path=path, label=entry.name, rel=rel, origin=where))
     files.sort(key=lambda f: (f.label, f.rel.as_posix()))
     if loose:
         log.info(
@@ -147,3 +179,171 @@ def _list_tuxpaint(source: TuxpaintSource) -> tuple[list[SourceFile], list[str]]
                 files.append(SourceFile(path=path, label=label, rel=rel))
     files.sort(key=lambda f: (f.label, f.rel.as_posix()))
     return files, sorted(source.classes)
+
+
+def _list_manifest(source: ManifestSource) -> tuple[list[SourceFile], list[str]]:
+    import csv
+    import json
+
+    manifest = source.path.expanduser().resolve()
+    if not manifest.is_file():
+        raise DataSourceError(
+            f"manifest {manifest} (data.source.path) not found; point it at a CSV with a "
+            f'path,label header or a JSON list of {{"path": ..., "label": ...}}'
+        )
+    base = manifest.parent
+    text = manifest.read_text(encoding="utf-8-sig")
+    try:
+        if manifest.suffix.lower() == ".json":
+            entries = json.loads(text)
+            if not isinstance(entries, list):
+                raise ValueError("expected a JSON list")
+        else:
+            reader = csv.DictReader(text.splitlines())
+            if not reader.fieldnames or not {"path", "label"} <= set(reader.fieldnames):
+                raise ValueError(f"header is {reader.fieldnames}, needs path and label")
+            entries = list(reader)
+        pairs = [(str(e["path"]).strip(), str(e["label"]).strip()) for e in entries]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataSourceError(f"manifest {manifest}: cannot read it: {exc}") from None
+    files: list[SourceFile] = []
+    seen: set[tuple[str, str]] = set()
+    for i, (rel_path, label) in enumerate(pairs, start=1):
+        p = PurePosixPath(rel_path.replace("\\", "/"))
+        if not rel_path or not label or p.is_absolute() or ".." in p.parts:
+            raise DataSourceError(
+                f"manifest {manifest}, entry {i}: path {rel_path!r} label {label!r}: paths must "
+                f"be relative to the manifest's folder and stay inside it, labels non-empty"
+            )
+        if "/" in label:
+            raise DataSourceError(f"manifest {manifest}, entry {i}: label {label!r} has a '/'")
+        if (label, p.as_posix()) in seen:
+            continue
+        seen.add((label, p.as_posix()))
+        files.append(SourceFile(path=base / p, label=label, rel=p))
+    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+    return files, sorted({label for _, label in pairs})
+
+
+def _list_idx(
+    source: IdxSource | FashionMnistSource, scratch: Path
+) -> tuple[list[SourceFile], list[str]]:
+    from transferlab.config import FASHION_MNIST_CLASSES
+    from transferlab.data import idx
+
+    folder = source.path.expanduser().resolve()
+    names_given = (
+        FASHION_MNIST_CLASSES if isinstance(source, FashionMnistSource) else source.classes
+    )
+    if isinstance(source, FashionMnistSource) and not folder.is_dir():
+        return _fashion_mnist_download(source, scratch)
+    if not folder.is_dir():
+        raise DataSourceError(f"IDX folder {folder} (data.source.path) does not exist")
+    files: list[SourceFile] = []
+    counts: dict[str, int] = {}
+    classes: set[str] = set()
+    for split in source.splits:
+        try:
+            images_path = idx.find_idx(folder, split, "images")
+            labels_path = idx.find_idx(folder, split, "labels")
+            images, labels = idx.read_idx(images_path), idx.read_idx(labels_path)
+        except (FileNotFoundError, idx.IdxError) as exc:
+            raise DataSourceError(f"IDX source: {exc}; check data.source.path/splits") from None
+        if images.ndim != 3 or len(images) != len(labels):
+            raise DataSourceError(
+                f"{images_path}: {images.shape} images for {len(labels)} labels in {labels_path}"
+            )
+        names = idx.class_names(int(labels.max()) + 1, names_given)
+        classes.update(names)
+        for path, label, rel in idx.write_pngs(
+            images,
+            labels,
+            names,
+            scratch,
+            prefix=split,
+            per_class=source.per_class,
+            counts=counts,
+        ):
+            index = int(rel.stem.rsplit("-", 1)[1])
+            origin = f"{images_path.as_uri()}#{index}"
+            files.append(SourceFile(path=path, label=label, rel=rel, origin=origin))
+    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+    return files, sorted(classes)
+
+
+def _fashion_mnist_download(
+    source: FashionMnistSource, scratch: Path
+) -> tuple[list[SourceFile], list[str]]:
+    log.warning(
+        "Fashion-MNIST not found at %s (Debian's dataset-fashion-mnist); using torchvision's "
+        "downloader into %s",
+        source.path,
+        source.cache,
+    )
+    files: list[SourceFile] = []
+    classes: set[str] = set()
+    for split in source.splits:
+        tv = TorchvisionSource(
+            name="FashionMNIST",
+            path=source.cache,
+            split="train" if split == "train" else "test",
+            per_class=source.per_class,
+        )
+        got, names = _list_torchvision(tv, scratch, prefix=split)
+        files += got
+        classes.update(names)
+    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+    return files, sorted(classes)
+
+
+def _list_torchvision(
+    source: TorchvisionSource, scratch: Path, prefix: str | None = None
+) -> tuple[list[SourceFile], list[str]]:
+    from transferlab.data.tvsets import load_torchvision, write_dataset_pngs
+
+    cache = source.path.expanduser().resolve()
+    ds = load_torchvision(source.name, cache, split=source.split, download=source.download)
+    written = write_dataset_pngs(
+        ds, scratch, prefix=prefix or source.split, per_class=source.per_class
+    )
+    files = [
+        SourceFile(
+            path=path,
+            label=label,
+            rel=rel,
+            origin=f"torchvision://{source.name}/{source.split}#{rel.stem.rsplit('-', 1)[1]}",
+        )
+        for path, label, rel in written
+    ]
+    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+    return files, sorted({f.label for f in files})
+
+
+def _list_http(source: HttpSource) -> tuple[list[SourceFile], list[str]]:
+    from transferlab.data import http
+
+    cache = source.path.expanduser().resolve()
+    archive = http.download(
+        source.url, source.sha256, cache, retries=source.retries, timeout=source.timeout
+    )
+    tree = http.extract(archive, cache / source.sha256.lower())
+    root = http.archive_root(tree, source.root)
+    return _list_folder(FolderSource(path=root), root, origin=source.url)
+
+
+def _list_s3(source: S3Source) -> tuple[list[SourceFile], list[str]]:
+    from transferlab.data.s3 import parse_url, sync_prefix
+
+    result = sync_prefix(source)
+    bucket, _ = parse_url(source.url)
+    files = [
+        SourceFile(
+            path=result.root / o.label / o.rel,
+            label=o.label,
+            rel=o.rel,
+            origin=f"s3://{bucket}/{o.key}",
+        )
+        for o in result.objects
+    ]
+    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+    return files, result.classes

@@ -218,3 +218,23 @@ def test_one_class_is_not_enough(tmp_path: Path, gen) -> None:
 def test_output_inside_source_is_refused(messy) -> None:
     with pytest.raises(DataSourceError, match="inside data.source.path"):
         pull_dataset(messy.params(), messy.root / "out")
+
+
+def test_empty_and_small_classes_are_named_with_what_to_do(messy, tmp_path: Path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="transferlab.data"):
+        result = pull_dataset(messy.params(), tmp_path / "out", min_per_class=10)
+    assert result.empty == ("empty class",)
+    assert result.small == {c: n for c, n in result.kept.items() if n < 10}
+    assert result.small == {messy.odd_class: 2}
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("'empty class' has no usable image" in w for w in warnings) == 1
+    assert any(
+        "too few usable images for the split" in w and "lower split.val/split.test" in w
+        for w in warnings
+    )
+    # Enough per class: no warning about sizes.
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="transferlab.data"):
+        again = pull_dataset(messy.params(), tmp_path / "out2", min_per_class=1)
+    assert again.small == {}
+    assert not any("too few" in r.getMessage() for r in caplog.records)
