@@ -38,6 +38,7 @@ ATTACKS.update(BLACKBOX_ATTACKS)
 __all__ = [
     "ATTACKS",
     "BIM",
+    "BLACKBOX_ATTACKS",
     "FGSM",
     "MIFGSM",
     "NES",
