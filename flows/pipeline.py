@@ -12,6 +12,7 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import flow_run
 
+from tasks.attack import map_attack_batches
 from tasks.stages import RETRIES, outputs_present, run_stage
 from transferlab.config import load_params
 from transferlab.stages import STAGES
@@ -44,6 +45,8 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
                 refresh_cache=not outputs_present(name, workdir),
             )
             context = lineage_context() if name == "report" else None
+            if name == "attack":
+                map_attack_batches(params_path, workdir)  # sharded, resumable; the stage reads it
             results[name] = task(name, params_path, workdir, context)
     return results
 

@@ -214,7 +214,11 @@ class SpsaParams(Section):
     max_queries: int = Field(200, ge=1)
     samples: int = Field(10, ge=1)
     sigma: float = Field(0.01, gt=0.0)
-    step_size: float | None = Field(None, gt=0.0, description="Adam learning rate; null: 0.01")
+    step_size: float | None = None  # Adam learning rate in pixels; null: eps / 4
+
+    _step = field_validator("step_size", mode="before")(
+        classmethod(lambda cls, v: _optional_eps(v))
+    )
 
 
 class TransferParams(Section):

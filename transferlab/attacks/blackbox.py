@@ -241,7 +241,8 @@ class ScoreGradient(BlackBoxAttack):
         sigma: finite-difference scale in pixel units.
         distribution: "gaussian" (NES) or "rademacher" (SPSA) directions u.
         update: "sign" (projected sign step, as NES-PGD) or "adam" (SPSA).
-        step_size: sign-step size in pixels (default eps / 4) or Adam learning rate (default 0.01).
+        step_size: sign-step size or Adam learning rate, in pixels; default eps / 4 (Adam's
+            normalised first steps move about one learning rate per pixel, like a sign step).
     """
 
     name = "score_gradient"
@@ -276,8 +277,7 @@ class ScoreGradient(BlackBoxAttack):
         self.sigma = float(sigma)
         self.distribution = distribution
         self.update = update
-        default = self.eps / 4 if update == "sign" else 0.01
-        self.step_size = default if step_size is None else float(step_size)
+        self.step_size = self.eps / 4 if step_size is None else float(step_size)
 
     def _directions(self, shape: tuple[int, ...], generator, device) -> Tensor:
         if self.distribution == "rademacher":
