@@ -5,8 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from collections.abc import Collection, Mapping
 from pathlib import Path
 
@@ -14,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from transferlab.atomic import atomic_write
 from transferlab.attacks import BLACKBOX_ATTACKS, Attack, make_attack
 
 log = logging.getLogger(__name__)
@@ -154,12 +153,8 @@ class ShardStore:
             return None
 
     def put(self, key: str, record: dict) -> None:
-        path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
+        with atomic_write(self.path(key), "w", encoding="utf-8") as f:
             json.dump(record, f)
-        os.replace(tmp, path)
 
 
 def _row(

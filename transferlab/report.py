@@ -51,13 +51,10 @@ def results_table(svm_metrics: dict, attack_rows: list[dict], report_eps: float)
 
 
 def _save_figure(fig, out: Path) -> Path:
-    """Save a figure atomically (temp file + rename) and close it."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=out.suffix)
-    os.close(fd)
-    fig.savefig(tmp)
+    """Save a figure as PNG atomically and close it."""
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png")
     plt.close(fig)
-    os.replace(tmp, out)
     return out
 
 
