@@ -240,22 +240,27 @@ class TransferParams(Section):
         return _model_names(v, allow_empty=True)
 
 
-def _model_names(v: tuple[str, ...], *, allow_empty: bool = False) -> tuple[str, ...]:
-    import re
+# Models the attack stage can load: a method's folder under models/ (one per adaptation method;
+# add new methods here) or "imagenet", the public backbone with its ImageNet head.
+ATTACKABLE_MODELS: tuple[str, ...] = ("svm", "top", "full", "imagenet")
 
+
+def _model_names(v: tuple[str, ...], *, allow_empty: bool = False) -> tuple[str, ...]:
     if not v and not allow_empty:
-        raise ValueError("list at least one model: a folder name under models/, or imagenet")
+        raise ValueError(f"list at least one model; allowed values are {list(ATTACKABLE_MODELS)}")
     for name in v:
-        if not re.fullmatch(r"[a-z0-9_]+", name):
-            raise ValueError(f"model name {name!r} must be a folder name under models/ or imagenet")
+        if name not in ATTACKABLE_MODELS:
+            raise ValueError(
+                f"unknown model {name!r}; allowed values are {list(ATTACKABLE_MODELS)}"
+            )
     if len(set(v)) != len(v):
         raise ValueError("model names must not repeat")
     return v
 
 
 class AttackParams(Section):
-    # stored model names (folders under models/) or "imagenet" (the public backbone + its
-    # ImageNet head, scored against its own clean prediction)
+    # ATTACKABLE_MODELS: stored methods (folders under models/) or "imagenet" (the public
+    # backbone + its ImageNet head, scored against its own clean prediction)
     models: tuple[str, ...] = ("svm",)
     attacks: tuple[AttackName, ...] = ("fgsm",)
     eps: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)

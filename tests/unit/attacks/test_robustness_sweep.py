@@ -182,7 +182,7 @@ def test_attack_params_validation(tmp_path) -> None:
         ("attack:\n  attacks: [cw]\n", "'fgsm', 'bim', 'pgd', 'mifgsm', 'square'"),
         ("attack:\n  pgd: {steps: 0}\n", "attack.pgd.steps"),
         ("attack:\n  pgd: {stepz: 3}\n", "allowed keys here: steps, step_size"),
-        ("attack:\n  models: [../x]\n", "folder name under models/"),
+        ("attack:\n  models: [../x]\n", "allowed values are ['svm', 'top', 'full', 'imagenet']"),
         ("attack:\n  square: {p_init: 2}\n", "attack.square.p_init"),
         ("attack:\n  transfer: {attack: square}\n", "attack.transfer.attack"),
         ("attack:\n  attacks: [fgsm, fgsm]\n", "without repeats"),
