@@ -13,6 +13,7 @@ from prefect import flow
 from prefect.runtime import flow_run
 
 from flows.features import run_feature_shards
+from tasks.attack import map_attack_batches
 from tasks.stages import DEFAULT_TIMEOUT, RETRIES, TIMEOUTS, outputs_present, run_stage, stage_tags
 from transferlab.config import load_params
 from transferlab.stages import STAGES
@@ -51,6 +52,8 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
                 # fill the feature cache shard by shard on the configured runner; the stage
                 # below then only assembles features.npz from the cache
                 run_feature_shards(params_path, workdir)
+            if name == "attack":
+                map_attack_batches(params_path, workdir)  # sharded, resumable; the stage reads it
             results[name] = task(name, params_path, workdir, context)
     return results
 

@@ -78,7 +78,10 @@ _stage_command("features", "Frozen-backbone features (cached by image content): 
 _stage_command("svm", "Linear SVM (liblinear) on the features, C by cross-validation: models/svm/.")
 _stage_command("top", "A new head on the frozen backbone (SGD, early stopping): models/top/.")
 _stage_command("full", "Full fine-tuning, checkpointed every epoch, resumable: models/full/.")
-_stage_command("attack", "FGSM over the eps sweep on each adapted model: metrics/attack.json.")
+_stage_command(
+    "attack",
+    "White-box, black-box and transfer attacks over the eps sweep: metrics/attack.json.",
+)
 _stage_command("report", "Plots, reports/results.json, and one MLflow run with the lineage.")
 _stage_command(
     "gate", "Robustness regression gate: promote each new model version to champion if it passes."
@@ -157,6 +160,43 @@ def learning_curve(
     if not quiet:
         out.print_json(data={k: v for k, v in result.items() if k != "summary"})
         out.print(Path(result["table"]).read_text())
+
+
+demo_app = typer.Typer(
+    help="Small demonstrations on the public ImageNet model.", no_args_is_help=True
+)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("fgsm")
+def demo_fgsm(
+    image: Annotated[Path, typer.Argument(help="an image file (jpg, png...)", exists=True)],
+    eps: Annotated[str, typer.Option(help="L-inf budget in pixel space, e.g. 2/255")] = "2/255",
+    png: Annotated[Path, typer.Option("--out", help="PNG to write")] = Path("fgsm_demo.png"),
+    target: Annotated[
+        int | None, typer.Option(help="ImageNet class index to aim for (targeted FGSM)")
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """What the ImageNet model predicts for IMAGE before and after FGSM, as text and a PNG.
+
+    Example: transferlab demo fgsm coffee.png --eps 2/255
+    """
+    from transferlab.config import parse_eps
+    from transferlab.demo import fgsm_demo
+
+    global _verbose
+    _verbose = verbose
+    try:
+        eps_value = parse_eps(eps)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--eps") from None
+    result = fgsm_demo(image, eps=eps_value, out=png, target=target)
+    for when in ("before", "after"):
+        line = ", ".join(f"{name} {p:.1%}" for name, p in result[when])
+        out.print(f"[bold]{when:>6}[/bold] FGSM eps={eps}: {line}", highlight=False)
+    verdict = "changed" if result["changed"] else "unchanged"
+    out.print(f"top-1 {verdict}; picture: {result['png']}", highlight=False)
 
 
 @app.command()

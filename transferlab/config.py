@@ -344,13 +344,138 @@ class LearningCurveParams(Section):
 # ---------------------------------------------------------------- attacks
 
 
+# Registry names that the attack stage accepts (transferlab.attacks.ATTACKS, minus pgd_l2 whose
+# eps is an L2 norm and does not share the L-inf sweep). Literal, so a typo lists the choices.
+AttackName = Literal["fgsm", "bim", "pgd", "mifgsm", "square", "nes", "spsa"]
+WhiteBoxName = Literal["fgsm", "bim", "pgd", "mifgsm"]
+
+
+def _optional_eps(v: Any) -> float | None:
+    return None if v is None else parse_eps(v)
+
+
+class FgsmParams(Section):
+    # targeted: aim at each image's least-likely class (Kurakin et al.); success = target reached
+    targeted: bool = False
+
+
+class PgdParams(Section):
+    steps: int = Field(10, ge=1)
+    # absolute step in pixels ("1/255"); null: 2.5 * eps / steps (Madry et al.)
+    step_size: float | None = None
+    restarts: int = Field(1, ge=1)
+    random_start: bool = True
+
+    _step = field_validator("step_size", mode="before")(
+        classmethod(lambda cls, v: _optional_eps(v))
+    )
+
+
+class BimParams(Section):
+    steps: int = Field(10, ge=1)
+    step_size: float | None = None
+
+    _step = field_validator("step_size", mode="before")(
+        classmethod(lambda cls, v: _optional_eps(v))
+    )
+
+
+class MifgsmParams(Section):
+    steps: int = Field(10, ge=1)
+    step_size: float | None = None  # null: eps / steps (Dong et al.)
+    momentum: float = Field(1.0, ge=0.0)
+
+    _step = field_validator("step_size", mode="before")(
+        classmethod(lambda cls, v: _optional_eps(v))
+    )
+
+
+class SquareParams(Section):
+    max_queries: int = Field(100, ge=1, description="queries per image, the clean one included")
+    p_init: float = Field(0.05, gt=0.0, le=1.0)
+
+
+class NesParams(Section):
+    max_queries: int = Field(200, ge=1)
+    samples: int = Field(10, ge=1, description="antithetic pairs per gradient estimate")
+    sigma: float = Field(1e-3, gt=0.0)
+    step_size: float | None = None  # null: eps / 4
+
+    _step = field_validator("step_size", mode="before")(
+        classmethod(lambda cls, v: _optional_eps(v))
+    )
+
+
+class SpsaParams(Section):
+    max_queries: int = Field(200, ge=1)
+    samples: int = Field(10, ge=1)
+    sigma: float = Field(0.01, gt=0.0)
+    step_size: float | None = None  # Adam learning rate in pixels; null: eps / 4
+
+    _step = field_validator("step_size", mode="before")(
+        classmethod(lambda cls, v: _optional_eps(v))
+    )
+
+
+class TransferParams(Section):
+    """Craft on each source, evaluate on every attacked model (``attack.models``).
+
+    Sources are stored model names or "imagenet": the public backbone with its ImageNet head,
+    attacked away from its own clean ImageNet prediction.
+    """
+
+    sources: tuple[str, ...] = ()
+    attack: WhiteBoxName = "mifgsm"
+    eps: float = 4 / 255
+
+    _eps = field_validator("eps", mode="before")(classmethod(lambda cls, v: parse_eps(v)))
+
+    @field_validator("sources")
+    @classmethod
+    def _names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _model_names(v, allow_empty=True)
+
+
+# Models the attack stage can load: a method's folder under models/ (one per adaptation method;
+# add new methods here) or "imagenet", the public backbone with its ImageNet head.
+ATTACKABLE_MODELS: tuple[str, ...] = ("svm", "top", "full", "imagenet")
+
+
+def _model_names(v: tuple[str, ...], *, allow_empty: bool = False) -> tuple[str, ...]:
+    if not v and not allow_empty:
+        raise ValueError(f"list at least one model; allowed values are {list(ATTACKABLE_MODELS)}")
+    for name in v:
+        if name not in ATTACKABLE_MODELS:
+            raise ValueError(
+                f"unknown model {name!r}; allowed values are {list(ATTACKABLE_MODELS)}"
+            )
+    if len(set(v)) != len(v):
+        raise ValueError("model names must not repeat")
+    return v
+
+
 class AttackParams(Section):
-    models: tuple[Literal["svm", "top", "full"], ...] = ("svm",)
-    attacks: tuple[Literal["fgsm"], ...] = ("fgsm",)
+    # ATTACKABLE_MODELS: stored methods (folders under models/) or "imagenet" (the public
+    # backbone + its ImageNet head, scored against its own clean prediction)
+    models: tuple[str, ...] = ("svm",)
+    attacks: tuple[AttackName, ...] = ("fgsm",)
     eps: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
     report_eps: float = 4 / 255
     max_images: int = Field(64, ge=1, description="attack at most this many test images")
     batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # finished shards (model x attack x eps x batch) are kept here so a killed run resumes
+    work_dir: Path = Path(".transferlab/attack-work")
+    grid_images: int = Field(4, ge=0, description="images in the adversarial-example grid")
+    fgsm: FgsmParams = Field(default_factory=FgsmParams)
+    bim: BimParams = Field(default_factory=BimParams)
+    pgd: PgdParams = Field(default_factory=PgdParams)
+    mifgsm: MifgsmParams = Field(default_factory=MifgsmParams)
+    square: SquareParams = Field(default_factory=SquareParams)
+    nes: NesParams = Field(default_factory=NesParams)
+    spsa: SpsaParams = Field(default_factory=SpsaParams)
+    transfer: TransferParams = Field(default_factory=TransferParams)
 
     @field_validator("eps", mode="before")
     @classmethod
@@ -363,6 +488,27 @@ class AttackParams(Section):
     @classmethod
     def _eps(cls, v: Any) -> float:
         return parse_eps(v)
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _model_names(v)
+
+    @field_validator("attacks")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if not v or len(set(v)) != len(v):
+            raise ValueError("attacks must be a non-empty list without repeats")
+        return v
+
+    def attack_kwargs(self, name: str) -> dict[str, Any]:
+        """Hyperparameters for ``make_attack(name, eps=..., **kwargs)`` from this section."""
+        kwargs = dict(getattr(self, name).model_dump())
+        if name == "fgsm":
+            kwargs.pop("targeted")  # the stage picks the targets; see transferlab.robustness
+        if name not in ("fgsm", "bim"):
+            kwargs["seed"] = self.seed
+        return kwargs
 
 
 # ---------------------------------------------------------------- tracking

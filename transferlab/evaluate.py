@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+from collections.abc import Collection, Mapping
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from transferlab.attacks import make_attack
+from transferlab.atomic import atomic_write
+from transferlab.attacks import BLACKBOX_ATTACKS, Attack, make_attack
 
 log = logging.getLogger(__name__)
+
+# Bump when a shard record's meaning changes, so stale work folders are not reused.
+SHARD_VERSION = 1
 
 
 def predict(model: nn.Module, x01: Tensor, *, batch_size: int = 32) -> Tensor:
@@ -33,68 +41,173 @@ def robustness_sweep(
     attacks: tuple[str, ...],
     eps: tuple[float, ...],
     batch_size: int = 16,
+    options: Mapping[str, Mapping[str, object]] | None = None,
+    targeted: Collection[str] = (),
+    store: ShardStore | None = None,
+    model_key: str = "",
 ) -> list[dict]:
-    """Attack ``model`` with each attack at each eps.
+    """Attack ``model`` with each attack at each eps, batch by batch (one shard per batch).
 
     Args:
+        model: eval-mode classifier, (N, 3, H, W) in [0, 1] -> (N, K) logits.
         x01: (N, 3, H, W) images in [0, 1]. y: (N,) true labels.
+        attacks: registry names (``transferlab.attacks.ATTACKS``).
+        eps: L-inf budgets in pixel space.
+        options: per attack name, hyperparameters for ``make_attack`` (steps, max_queries...).
+        targeted: attack names run targeted at each image's least-likely clean class.
+        store: where finished shards are kept; a shard found there is not recomputed, so a
+            killed sweep resumes where it stopped.
+        model_key: digest naming the model's weights (part of every shard key).
 
     Returns:
-        One row per (attack, eps): clean and robust accuracy, success rate on the images the
-        model got right, mean/median L-inf and L2 of the perturbation, queries, seconds.
+        One row per (attack, eps): clean and robust accuracy (right before and after the
+        attack, RobustBench's convention), success rate on the images the model got right,
+        mean/median L-inf and L2 of the perturbation, queries (mean/median per image), gradient
+        batches, seconds, and ``model_unchanged`` (eval mode and every buffer, BatchNorm
+        statistics included, bit-identical after the attack).
     """
-    clean_pred = predict(model, x01, batch_size=batch_size)
+    options = options or {}
+    before = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    clean_logits = logits(model, x01, batch_size=batch_size)
+    clean_pred = clean_logits.argmax(1)
+    least_likely = clean_logits.argmin(1)
     correct = clean_pred == y
     clean_acc = float(correct.float().mean())
     rows = []
     total = len(attacks) * len(eps) * ((len(x01) + batch_size - 1) // batch_size)
     with tqdm(total=total, unit="batch", desc="attack") as bar:
         for name in attacks:
+            is_targeted = name in targeted
             for e in eps:
-                attack = make_attack(name, eps=e)
-                adv, fooled, queries, grads, seconds = [], [], [], 0, 0.0
+                attack = make_attack(name, eps=e, targeted=is_targeted, **options.get(name, {}))
+                shards = []
                 for i in range(0, len(x01), batch_size):
-                    res = attack(model, x01[i : i + batch_size], y[i : i + batch_size])
-                    adv.append(res.x_adv)
-                    fooled.append(res.success)
-                    queries.append(res.queries)
-                    grads += res.gradients
-                    seconds += res.seconds
+                    xb, yb = x01[i : i + batch_size], y[i : i + batch_size]
+                    goal = least_likely[i : i + batch_size] if is_targeted else yb
+                    key = shard_key(model_key, attack, xb, goal)
+                    shard = store.get(key) if store is not None else None
+                    if shard is None:
+                        shard = run_shard(model, attack, xb, goal)
+                        if store is not None:
+                            store.put(key, shard)
+                    shards.append(shard)
                     bar.update(1)
-                x_adv = torch.cat(adv)
-                delta = (x_adv - x01).flatten(1)
-                linf, l2 = delta.abs().amax(1), delta.norm(dim=1)
-                # an image counts as robust only if it is right before and after the attack
-                # (RobustBench's convention), so robust accuracy can never exceed clean accuracy
-                robust = (correct & ~torch.cat(fooled)).float()
-                flipped = correct & torch.cat(fooled)
-                q = torch.cat(queries).float()
-                rows.append(
-                    {
-                        "attack": name,
-                        "eps": e,
-                        "n": len(x01),
-                        "clean_acc": clean_acc,
-                        "robust_acc": float(robust.mean()),
-                        "success_rate": float(flipped.sum() / correct.sum())
-                        if correct.any()
-                        else 0.0,
-                        "linf_mean": _stats(linf)[0],
-                        "linf_median": _stats(linf)[1],
-                        "l2_mean": _stats(l2)[0],
-                        "l2_median": _stats(l2)[1],
-                        "queries_mean": _stats(q)[0],
-                        "queries_median": _stats(q)[1],
-                        "gradient_batches": grads,
-                        "seconds": seconds,
-                        "max_linf": float(linf.max()) if len(linf) else 0.0,
-                    }
-                )
+                rows.append(_row(name, e, shards, y, correct, clean_acc, targeted=is_targeted))
+    after = model.state_dict()
+    unchanged = not any(m.training for m in model.modules()) and all(
+        torch.equal(before[k], after[k]) for k in before
+    )
+    for r in rows:
+        r["model_unchanged"] = unchanged
     return rows
 
 
+def logits(model: nn.Module, x01: Tensor, *, batch_size: int = 32) -> Tensor:
+    """(N, K) float32 logits for images in [0, 1], batched, without gradients."""
+    with torch.inference_mode():
+        return torch.cat(
+            [model(x01[i : i + batch_size]).float() for i in range(0, len(x01), batch_size)]
+        )
+
+
+def run_shard(model: nn.Module, attack: Attack, x01: Tensor, goal: Tensor) -> dict:
+    """Attack one batch; a JSON-able record of what the metrics need (no images)."""
+    res = attack(model, x01, goal)
+    with torch.inference_mode():
+        out = model(res.x_adv).float().softmax(1)
+    delta = (res.x_adv - x01).flatten(1)
+    return {
+        "pred_adv": out.argmax(1).tolist(),
+        "confidence_adv": out.amax(1).tolist(),
+        "success": res.success.tolist(),
+        "queries": res.queries.tolist(),
+        "linf": delta.abs().amax(1).tolist(),
+        "l2": delta.norm(dim=1).tolist(),
+        "gradients": res.gradients,
+        "seconds": res.seconds,
+    }
+
+
+def shard_key(model_key: str, attack: Attack, x01: Tensor, goal: Tensor) -> str:
+    """Content key of one shard: model weights, attack config, the batch's pixels and labels."""
+    h = hashlib.sha256()
+    h.update(f"{SHARD_VERSION}|{model_key}|{attack!r}".encode())
+    h.update(x01.detach().to(torch.float32).contiguous().cpu().numpy().tobytes())
+    h.update(goal.detach().to(torch.int64).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+class ShardStore:
+    """One JSON file per finished shard under ``folder``, written atomically (temp + rename)."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, key: str) -> Path:
+        return self.folder / key[:2] / f"{key}.json"
+
+    def get(self, key: str) -> dict | None:
+        try:
+            return json.loads(self.path(key).read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            return None
+
+    def put(self, key: str, record: dict) -> None:
+        with atomic_write(self.path(key), "w", encoding="utf-8") as f:
+            json.dump(record, f)
+
+
+def _row(
+    name: str,
+    e: float,
+    shards: list[dict],
+    y: Tensor,
+    correct: Tensor,
+    clean_acc: float,
+    *,
+    targeted: bool,
+) -> dict:
+    def cat(field: str, dtype=torch.float64) -> Tensor:
+        return torch.tensor([v for s in shards for v in s[field]], dtype=dtype)
+
+    pred_adv = cat("pred_adv", torch.int64)
+    linf, l2, q = cat("linf"), cat("l2"), cat("queries")
+    # an image counts as robust only if it is right before and after the attack
+    # (RobustBench's convention), so robust accuracy can never exceed clean accuracy
+    robust = (correct & (pred_adv == y)).float()
+    flipped = correct & (pred_adv != y)
+    return {
+        "attack": name,
+        "family": "blackbox" if name in BLACKBOX_ATTACKS else "whitebox",
+        "targeted": targeted,
+        "eps": e,
+        "n": len(y),
+        "clean_acc": clean_acc,
+        "robust_acc": float(robust.mean()) if len(y) else 0.0,
+        "success_rate": float(flipped.sum() / correct.sum()) if correct.any() else 0.0,
+        "target_rate": float(cat("success", torch.bool).float().mean()) if targeted else None,
+        "linf_mean": _stats(linf)[0],
+        "linf_median": _stats(linf)[1],
+        "l2_mean": _stats(l2)[0],
+        "l2_median": _stats(l2)[1],
+        "queries_mean": _stats(q)[0],
+        "queries_median": _stats(q)[1],
+        "gradient_batches": sum(s["gradients"] for s in shards),
+        "seconds": sum(s["seconds"] for s in shards),
+        "max_linf": float(linf.max()) if len(linf) else 0.0,
+    }
+
+
+# Iterative white-box attacks: with more budget they must not do worse (up to their randomness).
+MONOTONE_ATTACKS = ("pgd", "bim", "mifgsm")
+
+
 def sanity_flags(rows: list[dict]) -> list[dict]:
-    """Checks every run reports. ``level`` is "fail" (a bug) or "note" (legitimate but odd)."""
+    """Checks every run reports. ``level`` is "fail" (a bug), "warn" (suspicious, e.g. gradient
+    masking) or "note" (legitimate but odd, e.g. FGSM doing better at a larger eps).
+
+    Rows may carry a ``model`` key; checks compare rows of the same model only.
+    """
     flags = []
     for r in rows:
         if r["eps"] == 0 and abs(r["robust_acc"] - r["clean_acc"]) > 1e-9:
@@ -103,19 +216,56 @@ def sanity_flags(rows: list[dict]) -> list[dict]:
             flags.append({"level": "fail", "check": "perturbation within eps", **_where(r)})
         if r["robust_acc"] > r["clean_acc"] + 1e-9:
             flags.append({"level": "fail", "check": "robust <= clean", **_where(r)})
-    by_attack: dict[str, list[dict]] = {}
+        if r.get("model_unchanged") is False:
+            flags.append(
+                {"level": "fail", "check": "model in eval mode, BN stats unchanged", **_where(r)}
+            )
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
-        by_attack.setdefault(r["attack"], []).append(r)
-    for name, series in by_attack.items():
+        groups.setdefault((r.get("model"), r["attack"]), []).append(r)
+    for (_, name), series in groups.items():
         series = sorted(series, key=lambda r: r["eps"])
         for a, b in zip(series, series[1:], strict=False):
-            if b["robust_acc"] > a["robust_acc"] + 1e-9:
-                level = "note" if name == "fgsm" else "fail"
+            rise = b["robust_acc"] - a["robust_acc"]
+            if rise > 1e-9:
+                # A rise of one image can be a random start's luck (warn: add steps/restarts);
+                # more is a broken attack. FGSM and black-box attacks may rise: a note.
+                one_image = 1 / max(b["n"], 1) + 1e-9
+                level = "note"
+                if name in MONOTONE_ATTACKS:
+                    level = "fail" if rise > one_image else "warn"
                 flags.append(
                     {"level": level, "check": "robust accuracy does not rise with eps", **_where(b)}
+                )
+    by_point: dict[tuple, dict[str, dict]] = {}
+    for r in rows:
+        if not r.get("targeted"):
+            by_point.setdefault((r.get("model"), r["eps"]), {})[r["attack"]] = r
+    for point in by_point.values():
+        fgsm, pgd = point.get("fgsm"), point.get("pgd")
+        # one image of slack: PGD's random start can lose an image FGSM's exact step gets
+        if fgsm and pgd and pgd["robust_acc"] > fgsm["robust_acc"] + 1 / max(pgd["n"], 1) + 1e-9:
+            flags.append({"level": "fail", "check": "PGD robust <= FGSM robust", **_where(pgd)})
+        white = [r for r in point.values() if r.get("family", "whitebox") == "whitebox"]
+        best_white = min((r["robust_acc"] for r in white), default=None)
+        for r in point.values():
+            if (
+                r.get("family") == "blackbox"
+                and best_white is not None
+                and r["robust_acc"] < best_white - 1e-9
+            ):
+                flags.append(
+                    {
+                        "level": "warn",
+                        "check": "black-box robust >= white-box (else gradient masking?)",
+                        **_where(r),
+                    }
                 )
     return flags
 
 
 def _where(row: dict) -> dict:
-    return {"attack": row["attack"], "eps": row["eps"]}
+    where = {"attack": row["attack"], "eps": row["eps"]}
+    if "model" in row:
+        where = {"model": row["model"], **where}
+    return where

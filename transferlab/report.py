@@ -48,3 +48,99 @@ def results_table(svm_metrics: dict, attack_rows: list[dict], report_eps: float)
         if r["model"] == "svm" and abs(r["eps"] - report_eps) < 1e-9:
             row[f"robust_acc_{r['attack']}"] = r["robust_acc"]
     return [row]
+
+
+def _save_figure(fig, out: Path) -> Path:
+    """Save a figure as PNG atomically and close it."""
+    with atomic_write(out) as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+    return out
+
+
+def plot_transfer_matrix(rows: list[dict], out: Path) -> Path:
+    """Heatmap of robust accuracy: sources (rows) x targets (columns); the diagonal is white-box.
+
+    Args:
+        rows: ``transfer_matrix`` rows (source, target, robust_acc, clean_acc, eps, attack).
+    """
+    if not rows:
+        # no sources configured: a placeholder, so the declared output always exists
+        fig, ax = plt.subplots(figsize=(4, 1.5), dpi=120)
+        ax.text(0.5, 0.5, "no transfer sources (attack.transfer.sources)", ha="center")
+        ax.axis("off")
+        return _save_figure(fig, out)
+    sources = list(dict.fromkeys(r["source"] for r in rows))
+    targets = list(dict.fromkeys(r["target"] for r in rows))
+    grid = [[float("nan")] * len(targets) for _ in sources]
+    for r in rows:
+        grid[sources.index(r["source"])][targets.index(r["target"])] = r["robust_acc"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(targets), 1.2 + 0.8 * len(sources)), dpi=120)
+    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
+    for i, row in enumerate(grid):
+        for j, v in enumerate(row):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9)
+    clean = {r["target"]: r["clean_acc"] for r in rows}
+    ax.set_xticks(range(len(targets)), [f"{t}\n(clean {clean[t]:.2f})" for t in targets])
+    ax.set_yticks(range(len(sources)), sources)
+    ax.set_xlabel("target (evaluated)")
+    ax.set_ylabel("source (crafted on)")
+    if rows:
+        ax.set_title(
+            f"Transfer robust accuracy, {rows[0]['attack']} eps={rows[0]['eps'] * 255:g}/255"
+        )
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return _save_figure(fig, out)
+
+
+def plot_adversarial_grid(examples: list[dict], out: Path, *, amplify: float = 10.0) -> Path:
+    """Rows of clean | perturbation (amplified, centred on grey) | adversarial.
+
+    Args:
+        examples: dicts with ``x`` and ``x_adv`` ((3, H, W) tensors in [0, 1]), ``title``
+            (e.g. model/attack/eps) and ``clean`` / ``adv`` captions (label and confidence).
+        amplify: perturbation gain for display; the caption states it.
+    """
+    n = max(len(examples), 1)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.7 * n), dpi=110, squeeze=False)
+    for row, ex in zip(axes, examples, strict=False):
+        delta = ex["x_adv"] - ex["x"]
+        shown = (0.5 + amplify * delta).clamp(0, 1)
+        for ax, img, caption in (
+            (row[0], ex["x"], f"clean: {ex['clean']}"),
+            (row[1], shown, f"perturbation x{amplify:g}\nmax {delta.abs().max() * 255:.1f}/255"),
+            (row[2], ex["x_adv"], f"adversarial: {ex['adv']}"),
+        ):
+            ax.imshow(img.permute(1, 2, 0).cpu().numpy())
+            ax.set_title(caption, fontsize=8)
+            ax.axis("off")
+        row[0].text(
+            -0.08,
+            0.5,
+            ex["title"],
+            transform=row[0].transAxes,
+            rotation=90,
+            ha="right",
+            va="center",
+            fontsize=8,
+        )
+    if not examples:
+        for ax in axes[0]:
+            ax.axis("off")
+    fig.tight_layout()
+    return _save_figure(fig, out)
+
+
+def attach_robustness(record, rows: list[dict]) -> None:
+    """Add the robustness rows of model ``record.name`` to an MLflow ``MethodRecord``.
+
+    One series per attack (step = eps * 255, so the MLflow UI charts robust accuracy against
+    eps) and one scalar per attack and eps.
+    """
+    for r in rows:
+        if r["model"] == record.name:
+            record.series.setdefault(f"robust_acc_{r['attack']}", []).append(
+                (round(r["eps"] * 255), r["robust_acc"])
+            )
+            record.metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]

@@ -38,6 +38,9 @@ CONFUSION_DIR = "plots/confusion"
 ATTACK_METRICS = "metrics/attack.json"
 ROBUSTNESS_CSV = "plots/robustness.csv"
 ROBUSTNESS_PNG = "plots/robustness.png"
+TRANSFER_METRICS = "metrics/transfer.json"
+TRANSFER_PNG = "plots/transfer.png"
+ADVERSARIAL_PNG = "plots/adversarial_examples.png"
 RESULTS = "reports/results.json"
 REPORT_HTML = "reports/index.html"
 GATE = "reports/gate.json"
@@ -267,21 +270,27 @@ def _test_images(
 
 
 def attack(params: Params, root: Path) -> dict:
-    """Attack every adapted model over the eps sweep on (up to ``max_images``) test images."""
-    from transferlab.classifiers import load_classifier
-    from transferlab.evaluate import robustness_sweep, sanity_flags
+    """Attack every model in ``attack.models`` over the eps sweep on (up to ``max_images``) test
+    images, the transfer matrix, and an adversarial-example grid.
+
+    Finished shards in ``attack.work_dir`` are reused, so a killed run resumes.
+    """
+    from transferlab.evaluate import sanity_flags
+    from transferlab.report import plot_adversarial_grid, plot_transfer_matrix
+    from transferlab.robustness import grid_examples, sweep_model, transfer
 
     ap = params.attack
     rows: list[dict] = []
+    checks: list[dict] = []
     for method in ap.models:
-        model = load_classifier(root / f"models/{method}")
-        # each model at its own input size (full fine-tuning may train smaller images)
-        x, y = _test_images(params, root, model.classes, model.backbone.spec)
-        for r in robustness_sweep(
-            model, x, y, attacks=ap.attacks, eps=ap.eps, batch_size=ap.batch_size
-        ):
-            rows.append({"model": method, **r})
+        model_rows, check = sweep_model(params, root, method)
+        rows.extend(model_rows)
+        if check:
+            checks.append(check)
     flags = sanity_flags(rows)
+    for c in checks:
+        if c["bf16_fp32_agreement"] < 0.95:
+            flags.append({"level": "warn", "check": "bf16 agrees with fp32 (clean)", **c})
     for f in flags:
         (log.error if f["level"] == "fail" else log.warning)("sanity %s: %s", f["level"], f)
     summary = {
@@ -298,9 +307,30 @@ def attack(params: Params, root: Path) -> dict:
         }
         for m in ap.models
     }
-    write_csv(root / ROBUSTNESS_CSV, [{**r, "eps_255": round(r["eps"] * 255, 4)} for r in rows])
-    write_json(root / ATTACK_METRICS, {"summary": summary, "sanity": flags})
-    return {"rows": len(rows), "sanity_failures": sum(f["level"] == "fail" for f in flags)}
+    # `series` colours one line per model/attack in `dvc plots show` (dvc_plots/robustness.json)
+    write_csv(
+        root / ROBUSTNESS_CSV,
+        [
+            {**r, "eps_255": round(r["eps"] * 255, 4), "series": f"{r['model']}/{r['attack']}"}
+            for r in rows
+        ],
+    )
+
+    t_rows, _, _ = transfer(params, root)
+    write_json(root / TRANSFER_METRICS, {"matrix": t_rows})
+    plot_transfer_matrix(t_rows, root / TRANSFER_PNG)
+    preferred = [a for a in ("pgd", "mifgsm", "bim", "fgsm") if a in ap.attacks] or [ap.attacks[0]]
+    plot_adversarial_grid(
+        grid_examples(params, root, ap.models[0], preferred[0], ap.report_eps),
+        root / ADVERSARIAL_PNG,
+    )
+    write_json(root / ATTACK_METRICS, {"summary": summary, "sanity": flags, "precision": checks})
+    return {
+        "rows": len(rows),
+        "transfer_pairs": len(t_rows),
+        "sanity_failures": sum(f["level"] == "fail" for f in flags),
+        "sanity_warnings": sum(f["level"] == "warn" for f in flags),
+    }
 
 
 def _read_robustness(root: Path) -> list[dict]:
@@ -320,8 +350,13 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     from transferlab.data.version import data_version_tags
     from transferlab.html_report import write_html_report
     from transferlab.method_report import METHODS, method_record
-    from transferlab.report import plot_robustness, results_table
-    from transferlab.tracking import check_tracking_store, git_state, log_pipeline_run
+    from transferlab.report import attach_robustness, plot_robustness, results_table
+    from transferlab.tracking import (
+        MethodRecord,
+        check_tracking_store,
+        git_state,
+        log_pipeline_run,
+    )
 
     check_tracking_store(params, root)
     rows = _read_robustness(root)
@@ -356,16 +391,21 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
                 }
             )
         # one series per attack with every eps as a step, so the MLflow UI charts it (x = eps*255)
+        attach_robustness(record, rows)
         for r in rows:
-            if r["model"] == method:
-                record.series.setdefault(f"robust_acc_{r['attack']}", []).append(
-                    (round(r["eps"] * 255), r["robust_acc"])
-                )
-                record.metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
-                if abs(r["eps"] - params.attack.report_eps) < 1e-9 and method != "svm":
-                    table[-1][f"robust_acc_{r['attack']}"] = r["robust_acc"]
+            at_report_eps = abs(r["eps"] - params.attack.report_eps) < 1e-9
+            if r["model"] == method and at_report_eps and method != "svm":
+                table[-1][f"robust_acc_{r['attack']}"] = r["robust_acc"]
         record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)
         records.append(record)
+    eps_values = ",".join(f"{e:.6g}" for e in params.attack.eps)
+    # attacked models without a method record of their own (e.g. the ImageNet model)
+    for m in dict.fromkeys(r["model"] for r in rows):
+        if m not in {rec.name for rec in records}:
+            extra = MethodRecord(name=m, params={"attack.eps_values": eps_values})
+            attach_robustness(extra, rows)
+            records.append(extra)
+    attack_plots = [root / p for p in (TRANSFER_PNG, ADVERSARIAL_PNG, TRANSFER_METRICS)]
     tags = {
         **git_state(root),
         "params.hash": params.section_hash(),
@@ -373,7 +413,13 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
         **data_version_tags(root),
         **(context or {}),
     }
-    ids = log_pipeline_run(params, root, tags=tags, methods=records, artifacts=[plot])
+    ids = log_pipeline_run(
+        params,
+        root,
+        tags=tags,
+        methods=records,
+        artifacts=[plot, *(p for p in attack_plots if p.exists())],
+    )
     write_json(root / RESULTS, {"table": table, "mlflow": ids, "tags": tags})
     write_html_report(root, root / REPORT_HTML, title=f"transferlab: {params.tracking.experiment}")
     return {"table": table, "mlflow": ids, "html": str(root / REPORT_HTML)}
@@ -475,8 +521,8 @@ STAGES: dict[str, Stage] = {
             (SVM_MODEL, TOP_MODEL, FULL_MODEL, SPLIT, IMAGES),
             (),
             ("attack", "data", "features"),
-            (ATTACK_METRICS,),
-            (ROBUSTNESS_CSV,),
+            (ATTACK_METRICS, TRANSFER_METRICS),
+            (ROBUSTNESS_CSV, TRANSFER_PNG, ADVERSARIAL_PNG),
         ),
         Stage(
             "report",

@@ -5,28 +5,54 @@ Like foolbox, hyperparameters go to the constructor and the model to the call::
     attack = make_attack("pgd", eps=8 / 255, steps=10)
     result = attack(model.eval(), x01, y)   # AttackResult
     robust_accuracy = 1 - result.success.float().mean()
+
+White-box attacks (``gradient``) are configurations of one projected-gradient loop; black-box
+attacks (``blackbox``) only ever see a counted ``predict(x) -> scores`` oracle.
 """
 
 from transferlab.attacks.base import Attack, AttackResult, project
+from transferlab.attacks.blackbox import (
+    BLACKBOX_ATTACKS,
+    NES,
+    SPSA,
+    BlackBoxAttack,
+    QueryBudgetExceeded,
+    ScoreGradient,
+    ScoreOracle,
+    Square,
+)
 from transferlab.attacks.gradient import (
     ATTACKS,
     BIM,
     FGSM,
+    MIFGSM,
     PGD,
     PGDL2,
     ProjectedGradient,
     make_attack,
 )
 
+# One registry for make_attack; black-box classes live in their own module.
+ATTACKS.update(BLACKBOX_ATTACKS)
+
 __all__ = [
     "ATTACKS",
     "BIM",
+    "BLACKBOX_ATTACKS",
     "FGSM",
+    "MIFGSM",
+    "NES",
     "PGD",
     "PGDL2",
+    "SPSA",
     "Attack",
     "AttackResult",
+    "BlackBoxAttack",
     "ProjectedGradient",
+    "QueryBudgetExceeded",
+    "ScoreGradient",
+    "ScoreOracle",
+    "Square",
     "make_attack",
     "project",
 ]

@@ -1,0 +1,134 @@
+"""Attack speed and query efficiency as ratios against torchattacks, measured in the same run.
+
+    python benchmarks/attacks.py --model lite0 --images 8          # real Lite0, foolbox photos
+    python benchmarks/attacks.py --model tiny --images 64          # a tiny CNN, seconds
+
+Reports:
+    * throughput ratio = torchattacks seconds / ours seconds for FGSM and PGD-10 on the same
+      model, batch and device (>= 1.0 means we are at least as fast); the best of ``--repeats``
+      interleaved runs of each, so a busy machine hurts both alike;
+    * queries to reach 50% success (the median per-image query count, an image that is never
+      fooled counting as infinite) for Square and NES at eps 4/255 and 8/255. torchattacks'
+      Square reports no per-image counts, so for it we double the budget from 10 until half the
+      images are fooled. No installed library ships NES (ART is not installable here), so NES is
+      reported alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchattacks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from transferlab.attacks import FGSM, NES, PGD, Square  # noqa: E402
+
+
+def load(model_name: str, n: int, device: str):
+    if model_name == "tiny":
+        from tests.unit.attacks.conftest import make_tiny_cnn, random_images
+
+        model = make_tiny_cnn()
+        x = random_images(n, torch.Generator().manual_seed(0))
+    else:
+        from importlib import resources
+
+        from transferlab.backbones import load_backbone
+        from transferlab.features import load_images
+
+        model = load_backbone("efficientnet_lite0", "package")
+        files = sorted(Path(str(resources.files("foolbox") / "data")).glob("imagenet_*"))[:n]
+        x = load_images(files, model.spec)
+    model = model.to(device).eval()
+    x = x.to(device)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # attack the model's own predictions: clean accuracy 1
+    return model, x, y
+
+
+def best_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def median_queries(queries: torch.Tensor, success: torch.Tensor) -> float:
+    q = torch.where(success, queries.double(), torch.tensor(math.inf, dtype=torch.float64))
+    return float(q.sort().values[(len(q) - 1) // 2])
+
+
+def fooled(model, adv, y) -> float:
+    with torch.no_grad():
+        return float((model(adv).argmax(1) != y).float().mean())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--model", choices=["tiny", "lite0"], default="tiny")
+    ap.add_argument("--images", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--max-queries", type=int, default=640)
+    ap.add_argument("--skip-queries", action="store_true", help="throughput only")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    model, x, y = load(args.model, args.images, args.device)
+    report: dict = {"model": args.model, "images": len(x), "device": args.device}
+
+    eps = 8 / 255
+    pairs = {
+        "fgsm": (
+            lambda: FGSM(eps=eps)(model, x, y),
+            lambda: torchattacks.FGSM(model, eps=eps)(x, y),
+        ),
+        "pgd10": (
+            lambda: PGD(eps=eps, steps=10, step_size=2 / 255, seed=0)(model, x, y),
+            lambda: torchattacks.PGD(model, eps=eps, alpha=2 / 255, steps=10)(x, y),
+        ),
+    }
+    for name, (ours, ref) in pairs.items():
+        ours(), ref()  # warm-up
+        t_ours, t_ref = best_time(ours, args.repeats), best_time(ref, args.repeats)
+        report[f"{name}_seconds"] = {"ours": t_ours, "torchattacks": t_ref}
+        report[f"{name}_throughput_ratio"] = t_ref / t_ours
+        print(f"{name}: ours {t_ours:.3f}s torchattacks {t_ref:.3f}s ratio {t_ref / t_ours:.2f}")
+
+    if not args.skip_queries:
+        for e in (4 / 255, 8 / 255):
+            tag = f"eps_{e * 255:g}"
+            sq = Square(eps=e, max_queries=args.max_queries, seed=0)(model, x, y)
+            nes = NES(eps=e, max_queries=args.max_queries, seed=0)(model, x, y)
+            ref_budget = math.inf
+            budget = 10
+            while budget <= args.max_queries:
+                adv = torchattacks.Square(model, eps=e, n_queries=budget, p_init=0.05, seed=0)(x, y)
+                if fooled(model, adv, y) >= 0.5:
+                    ref_budget = budget
+                    break
+                budget *= 2
+            report[f"queries_to_50pct_{tag}"] = {
+                "square_ours": median_queries(sq.queries, sq.success),
+                "square_torchattacks_budget": ref_budget,
+                "nes_ours": median_queries(nes.queries, nes.success),
+                "square_success_ours": sq.success_rate,
+                "nes_success_ours": nes.success_rate,
+            }
+            print(tag, report[f"queries_to_50pct_{tag}"])
+    print(json.dumps(report, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,217 @@
+"""The attack stage's building blocks: which models, which inputs, shards, transfer, pictures.
+
+``transferlab.stages.attack`` composes these; the Prefect flow maps ``sweep_batch`` over the
+batches first (each call stores its finished shards), so the stage then only reads them back.
+A killed run resumes: finished shards are found in ``attack.work_dir`` by their content key
+(model weights digest + attack config + batch pixels and labels) and never recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from transferlab.config import Params
+
+log = logging.getLogger(__name__)
+
+IMAGENET = "imagenet"
+
+
+class Autocast(nn.Module):
+    """Runs the wrapped model under bf16 autocast and returns float32 logits."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x01: Tensor) -> Tensor:
+        with torch.autocast(device_type=x01.device.type, dtype=torch.bfloat16):
+            return self.model(x01).float()
+
+
+def model_digest(model: nn.Module) -> str:
+    """sha256 over the state dict (names, dtypes, shapes and bytes)."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def imagenet_class_names() -> list[str]:
+    """The 1000 ImageNet class descriptions, index = logit position."""
+    from timm.data import ImageNetInfo
+
+    info = ImageNetInfo()
+    return [info.index_to_description(i) for i in range(info.num_classes())]
+
+
+def load_attack_model(params: Params, root: Path, name: str) -> tuple[nn.Module, list[str], str]:
+    """An attackable model by name: (eval-mode model, class names, weights key).
+
+    ``imagenet`` is the public backbone with its ImageNet head; any other name is a stored model
+    under ``models/<name>``. With ``attack.precision: bf16`` the model runs under autocast.
+    """
+    if name == IMAGENET:
+        from transferlab.backbones import load_backbone
+
+        model: nn.Module = load_backbone(params.features.backbone, params.features.pretrained)
+        classes = imagenet_class_names()
+    else:
+        from transferlab.classifiers import load_classifier
+
+        folder = root / "models" / name
+        if not (folder / "meta.json").is_file():
+            raise FileNotFoundError(
+                f"{folder}: no stored model {name!r}; run its stage first or remove it from "
+                "attack.models / attack.transfer.sources"
+            )
+        model = load_classifier(folder)
+        classes = list(model.classes)
+    key = f"{name}:{params.attack.precision}:{model_digest(model)}"
+    if params.attack.precision == "bf16":
+        model = Autocast(model)
+    return model.eval(), classes, key
+
+
+def dataset_classes(root: Path) -> list[str]:
+    from transferlab.stages import _split_rows
+
+    return sorted({r["label"] for r in _split_rows(root)})
+
+
+def attack_inputs(params: Params, root: Path, name: str, model: nn.Module) -> tuple[Tensor, Tensor]:
+    """Test images (N, 3, H, W) in [0, 1] and the labels the attack on ``name`` uses.
+
+    Adapted models: the dataset labels. The ImageNet model: its own clean top-1 prediction
+    (no ImageNet labels for the dataset's images), so its "clean accuracy" is 1 and its robust
+    accuracy is the fraction of images whose top-1 ImageNet class survives the attack.
+    """
+    from transferlab.attacks.transfer import imagenet_labels
+    from transferlab.stages import _test_images
+
+    # each model at its own input size (full fine-tuning may train on smaller images)
+    inner = getattr(model, "model", model)  # under an Autocast wrapper
+    spec = getattr(getattr(inner, "backbone", inner), "spec", None)
+    x, y = _test_images(params, root, dataset_classes(root), spec)
+    if name == IMAGENET:
+        y = imagenet_labels(model, x, batch_size=params.attack.batch_size)
+    return x, y
+
+
+def _sweep(params: Params, root: Path, name: str, x: Tensor, y: Tensor, model, key) -> list[dict]:
+    from transferlab.evaluate import ShardStore, robustness_sweep
+
+    ap = params.attack
+    return robustness_sweep(
+        model,
+        x,
+        y,
+        attacks=ap.attacks,
+        eps=ap.eps,
+        batch_size=ap.batch_size,
+        options={a: ap.attack_kwargs(a) for a in ap.attacks},
+        targeted=("fgsm",) if ap.fgsm.targeted else (),
+        store=ShardStore(root / ap.work_dir),
+        model_key=key,
+    )
+
+
+def num_batches(params: Params, root: Path) -> int:
+    """How many batches the attack stage splits the test images into (the Prefect map size)."""
+    from transferlab.stages import _split_rows
+
+    n = min(sum(r["split"] == "test" for r in _split_rows(root)), params.attack.max_images)
+    return (n + params.attack.batch_size - 1) // params.attack.batch_size
+
+
+def sweep_batch(params: Params, root: Path, name: str, batch: int) -> int:
+    """Attack one batch of one model with every attack and eps; store its shards.
+
+    The unit of work the Prefect flow maps over. Returns the number of images attacked.
+    """
+    model, _, key = load_attack_model(params, root, name)
+    x, y = attack_inputs(params, root, name, model)
+    bs = params.attack.batch_size
+    xb, yb = x[batch * bs : (batch + 1) * bs], y[batch * bs : (batch + 1) * bs]
+    if len(xb):
+        _sweep(params, root, name, xb, yb, model, key)
+    return len(xb)
+
+
+def sweep_model(params: Params, root: Path, name: str) -> tuple[list[dict], dict]:
+    """All rows for one model (shards already in the work folder are read, not recomputed),
+    and a precision check: with bf16, the clean agreement with fp32."""
+    from transferlab.evaluate import logits
+
+    model, _, key = load_attack_model(params, root, name)
+    x, y = attack_inputs(params, root, name, model)
+    rows = [{"model": name, **r} for r in _sweep(params, root, name, x, y, model, key)]
+    check: dict = {}
+    if params.attack.precision == "bf16":
+        fp32 = model.model
+        agree = logits(fp32, x).argmax(1) == logits(model, x).argmax(1)
+        check = {"model": name, "bf16_fp32_agreement": float(agree.float().mean())}
+    return rows, check
+
+
+def transfer(params: Params, root: Path) -> tuple[list[dict], dict[str, Tensor], Tensor]:
+    """The transfer matrix for ``attack.transfer``: rows, adversarials per source, clean x."""
+    from transferlab.attacks import make_attack
+    from transferlab.attacks.transfer import imagenet_labels, transfer_matrix
+
+    ap, tp = params.attack, params.attack.transfer
+    targets = {m: load_attack_model(params, root, m)[0] for m in ap.models if m != IMAGENET}
+    if not tp.sources or not targets:
+        return [], {}, torch.empty(0)
+    x, y = attack_inputs(params, root, next(iter(targets)), next(iter(targets.values())))
+    sources = {}
+    for s in tp.sources:
+        model = targets[s] if s in targets else load_attack_model(params, root, s)[0]
+        labels = imagenet_labels(model, x, batch_size=ap.batch_size) if s == IMAGENET else y
+        sources[s] = (model, labels)
+    kwargs = ap.attack_kwargs(tp.attack)
+    attack = make_attack(tp.attack, eps=tp.eps, **kwargs)
+    rows, adversarials = transfer_matrix(
+        sources, targets, x, y, attack=attack, batch_size=ap.batch_size
+    )
+    return rows, adversarials, x
+
+
+def grid_examples(
+    params: Params, root: Path, name: str, attack_name: str, eps: float
+) -> list[dict]:
+    """A few adversarial examples of ``attack_name`` at ``eps`` on model ``name``, captioned
+    with the predicted label and confidence before and after (for ``plot_adversarial_grid``)."""
+    from transferlab.attacks import make_attack
+
+    ap = params.attack
+    if ap.grid_images == 0:
+        return []
+    model, classes, _ = load_attack_model(params, root, name)
+    x, y = attack_inputs(params, root, name, model)
+    x, y = x[: ap.grid_images], y[: ap.grid_images]
+    attack = make_attack(attack_name, eps=eps, **ap.attack_kwargs(attack_name))
+    x_adv = attack(model, x, y).x_adv
+    with torch.inference_mode():
+        p_clean, p_adv = model(x).float().softmax(1), model(x_adv).float().softmax(1)
+
+    def caption(p: Tensor) -> str:
+        return f"{classes[int(p.argmax())][:24]} ({float(p.max()):.0%})"
+
+    return [
+        {
+            "x": x[i],
+            "x_adv": x_adv[i],
+            "title": f"{name} / {attack_name} {eps * 255:g}/255\n{classes[int(y[i])][:20]}",
+            "clean": caption(p_clean[i]),
+            "adv": caption(p_adv[i]),
+        }
+        for i in range(len(x))
+    ]
