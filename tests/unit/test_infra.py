@@ -39,7 +39,7 @@ def test_deployments_point_at_flows_that_exist(prefect_yaml):
     from prefect import Flow
 
     deployments = {d["name"]: d for d in prefect_yaml["deployments"]}
-    assert {"nightly-retrain", "attack-eval"} <= set(deployments)
+    assert {"nightly-retrain", "attack-eval", "learning-curve"} <= set(deployments)
     for name, dep in deployments.items():
         flow = _load_entrypoint(dep["entrypoint"])
         assert isinstance(flow, Flow), name
