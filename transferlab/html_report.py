@@ -180,7 +180,7 @@ def _plots_section(root: Path, patterns: tuple[str, ...], what: str, how: str) -
 
 def _learning_curve_section(root: Path) -> str:
     found = sorted((root / "plots").glob("learning_curve*.png")) + sorted(
-        (root / "docs").glob("learning_curve*.png")
+        (root / "docs/learning_curve").glob("*.png")
     )
     if not found:
         return _missing(

@@ -36,18 +36,37 @@ def plot_robustness(rows: list[dict], out: Path) -> Path:
     return out
 
 
-def results_table(svm_metrics: dict, attack_rows: list[dict], report_eps: float) -> list[dict]:
-    """One row per method: accuracies, and robust accuracy per attack at ``report_eps``."""
-    row = {
-        "method": "svm",
-        "test_acc": svm_metrics["test_acc"],
-        "val_acc": svm_metrics.get("val_acc"),
-        "train_seconds": svm_metrics["fit_seconds"],
-    }
-    for r in attack_rows:
-        if r["model"] == "svm" and abs(r["eps"] - report_eps) < 1e-9:
-            row[f"robust_acc_{r['attack']}"] = r["robust_acc"]
-    return [row]
+def training_regime(n_train: int | None, n_classes: int | None) -> str:
+    """The seed's table: the SVM suits a handful to dozens of images per class, a new top
+    layer dozens to hundreds, full fine-tuning thousands."""
+    if not n_train or not n_classes:
+        return "-"
+    per_class = n_train / n_classes
+    band = "few (< 25)" if per_class < 25 else "dozens-hundreds" if per_class < 1000 else "1000+"
+    return f"{per_class:.0f}/class: {band}"
+
+
+def results_table(
+    metrics_by_method: dict[str, dict], attack_rows: list[dict], report_eps: float
+) -> list[dict]:
+    """The transfer ladder: one row per method with accuracies, robust accuracy per attack at
+    ``report_eps``, training time, trained parameters and the training-set regime."""
+    table = []
+    for method, m in metrics_by_method.items():
+        per_class = m.get("per_class_test_acc") or {}
+        row = {
+            "method": method,
+            "test_acc": m.get("test_acc"),
+            "val_acc": m.get("val_acc"),
+            "train_seconds": m.get("train_seconds", m.get("fit_seconds")),
+            "trained_params": m.get("trained_parameters"),
+            "regime": training_regime(m.get("n_train"), len(per_class) or None),
+        }
+        for r in attack_rows:
+            if r["model"] == method and abs(r["eps"] - report_eps) < 1e-9:
+                row[f"robust_acc_{r['attack']}"] = r["robust_acc"]
+        table.append(row)
+    return table
 
 
 def _save_figure(fig, out: Path) -> Path:

@@ -362,11 +362,12 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     rows = _read_robustness(root)
     svm_metrics = read_json(root / SVM_METRICS)
     plot = plot_robustness(rows, root / ROBUSTNESS_PNG)
-    table = results_table(svm_metrics, rows, params.attack.report_eps)
+    metrics_by_method = {m: read_json(root / f"metrics/{m}.json") for m in METHODS}
+    table = results_table(metrics_by_method, rows, params.attack.report_eps)
 
     records = []
     for method in METHODS:
-        m_metrics = read_json(root / f"metrics/{method}.json")
+        m_metrics = metrics_by_method[method]
         record = method_record(
             method,
             m_metrics,
@@ -381,21 +382,8 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
             # the CV score of every C in the grid, one metric each
             for c, score in svm_metrics.get("cv_scores", {}).items():
                 record.metrics[f"cv_acc_C_{c}"] = score
-        else:
-            table.append(
-                {
-                    "method": method,
-                    "test_acc": m_metrics["test_acc"],
-                    "val_acc": m_metrics.get("val_acc"),
-                    "train_seconds": m_metrics["train_seconds"],
-                }
-            )
         # one series per attack with every eps as a step, so the MLflow UI charts it (x = eps*255)
         attach_robustness(record, rows)
-        for r in rows:
-            at_report_eps = abs(r["eps"] - params.attack.report_eps) < 1e-9
-            if r["model"] == method and at_report_eps and method != "svm":
-                table[-1][f"robust_acc_{r['attack']}"] = r["robust_acc"]
         record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)
         records.append(record)
     eps_values = ",".join(f"{e:.6g}" for e in params.attack.eps)

@@ -37,3 +37,37 @@ def test_a_failing_stage_is_one_line_with_exit_1(tmp_path):
     assert proc.returncode == 1
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "/nope" in lines[0] and "--verbose" in lines[0]
+
+
+def test_ladder_rows_carry_time_parameters_and_regime():
+    from transferlab.report import results_table, training_regime
+
+    assert training_regime(10, 5) == "2/class: few (< 25)"
+    assert training_regime(500, 5) == "100/class: dozens-hundreds"
+    assert training_regime(6000, 2) == "3000/class: 1000+"
+    metrics = {
+        "svm": {
+            "test_acc": 0.9,
+            "fit_seconds": 0.2,
+            "trained_parameters": 10,
+            "n_train": 10,
+            "per_class_test_acc": {"a": 1.0, "b": 0.8},
+        },
+        "full": {
+            "test_acc": 0.8,
+            "train_seconds": 9.0,
+            "trained_parameters": 99,
+            "n_train": 10,
+            "per_class_test_acc": {"a": 1.0, "b": 0.6},
+        },
+    }
+    rows = [
+        {"model": "svm", "attack": "fgsm", "eps": 4 / 255, "robust_acc": 0.5},
+        {"model": "full", "attack": "fgsm", "eps": 4 / 255, "robust_acc": 0.25},
+        {"model": "full", "attack": "fgsm", "eps": 8 / 255, "robust_acc": 0.0},
+    ]
+    table = results_table(metrics, rows, 4 / 255)
+    assert [r["method"] for r in table] == ["svm", "full"]
+    assert table[0]["train_seconds"] == 0.2 and table[1]["train_seconds"] == 9.0
+    assert table[1]["robust_acc_fgsm"] == 0.25 and table[1]["trained_params"] == 99
+    assert table[0]["regime"] == "5/class: few (< 25)"
