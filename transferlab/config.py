@@ -225,6 +225,9 @@ class SplitParams(Section):
     val: float = Field(0.2, ge=0.0, lt=1.0)
     test: float = Field(0.25, gt=0.0, lt=1.0)
     per_class: int | None = Field(None, ge=1, description="cap images per class")
+    # few-shot: train on N images per class (nested: the 5 shots include the 2 shots of the
+    # same seed); val and test stay exactly as without shots, so runs compare
+    shots: int | None = Field(None, ge=1, description="training images per class")
 
 
 # ---------------------------------------------------------------- features

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -11,6 +12,8 @@ import numpy as np
 from transferlab.config import SplitParams
 from transferlab.data.manifest import read_manifest, write_csv_atomic
 from transferlab.data.sources import DataSourceError
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMNS = ("path", "label", "sha256", "split")
@@ -92,7 +95,19 @@ def split_manifest(manifest: Path, params: SplitParams, out: Path) -> dict[str, 
         order = _class_rng(params.seed, label).permutation(len(ordered))
         chosen = [ordered[i] for i in order[: params.per_class or len(ordered)]]
         n_train, n_val, n_test = split_sizes(len(chosen), val=params.val, test=params.test)
+        if params.shots is not None:
+            if n_train < params.shots:
+                log.warning(
+                    "class %r has only %d training images for split.shots=%d; using %d",
+                    label,
+                    n_train,
+                    params.shots,
+                    n_train,
+                )
+            n_train = min(n_train, params.shots)
         for i, row in enumerate(chosen):
+            if i >= n_test + n_val + n_train:
+                break  # beyond the shots: not used by this run
             split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
             assigned[row["path"]] = split
         for split, n in zip(SPLITS, (n_train, n_val, n_test), strict=True):

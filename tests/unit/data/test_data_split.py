@@ -132,3 +132,24 @@ def test_min_class_size() -> None:
     assert min_class_size(val=0.2, test=0.25) == 2
     assert min_class_size(val=0.0, test=0.25) == 2
     assert min_class_size(val=0.4, test=0.5) == 5  # 4 would give 2 test + 2 val
+
+
+def test_shots_draw_nested_training_sets_and_keep_val_test(write_manifest, tmp_path: Path) -> None:
+    manifest = write_manifest({"a": 30, "b": 12})
+
+    def assignment(**kw) -> dict[str, str]:
+        out = tmp_path / f"split-{kw}.csv"
+        split_manifest(manifest, SplitParams(seed=3, **kw), out)
+        return {r["path"]: r["split"] for r in read_manifest(out)}
+
+    full, two, five = assignment(), assignment(shots=2), assignment(shots=5)
+    for shots, got in ((2, two), (5, five)):
+        train = [p for p, s in got.items() if s == "train"]
+        assert sorted(p.split("/")[1] for p in train) == ["a"] * shots + ["b"] * shots
+        # val and test are exactly the unrestricted split's
+        assert {p: s for p, s in got.items() if s != "train"} == {
+            p: s for p, s in full.items() if s != "train"
+        }
+    assert {p for p, s in two.items() if s == "train"} < {
+        p for p, s in five.items() if s == "train"
+    }
