@@ -6,6 +6,7 @@ pipeline run with a nested run per method, tagged with the lineage (code, params
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -117,6 +118,20 @@ def _tracking_to(mlflow, uri: str):
         mlflow.set_tracking_uri(None)
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def _scoped_tracking(fn):
+    """Run ``fn(params, workdir, ...)`` with MLflow pointed at that workspace's store, and put
+    the user's tracking URI back afterwards (see ``_tracking_to``)."""
+
+    @functools.wraps(fn)
+    def wrapper(params: Params, workdir: Path, *args, **kwargs):
+        import mlflow
+
+        with _tracking_to(mlflow, tracking_uri(params, workdir)):
+            return fn(params, workdir, *args, **kwargs)
+
+    return wrapper
 
 
 def _log_pipeline_run(mlflow, params, workdir, uri, *, tags, methods, artifacts):
@@ -332,6 +347,7 @@ def log_series(client, run_id: str, series: dict[str, list[tuple[int, float]]]) 
         client.log_batch(run_id, metrics=points[i : i + 1000])
 
 
+@_scoped_tracking
 def log_learning_curve(
     params: Params,
     workdir: Path,
@@ -349,7 +365,6 @@ def log_learning_curve(
     import mlflow
 
     uri = tracking_uri(params, workdir)
-    mlflow.set_tracking_uri(uri)
     exp_id = _experiment_id(mlflow, params, workdir, uri)
     client = mlflow.MlflowClient()
     all_tags = {**git_state(workdir), **(tags or {})}
@@ -421,7 +436,6 @@ def _client(params: Params, workdir: Path):
     import mlflow
 
     uri = tracking_uri(params, workdir)
-    mlflow.set_tracking_uri(uri)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -466,6 +480,7 @@ def get_model_version(client, spec: str):
     return max(versions, key=lambda v: int(v.version))
 
 
+@_scoped_tracking
 def model_lineage(params: Params, workdir: Path, spec: str) -> dict:
     """Data, code and params versions behind a registered model version.
 
@@ -513,6 +528,7 @@ def _gate_metrics(tags: dict[str, str]):
     return GateMetrics(clean_acc=num("gate.clean_acc"), robust_acc=num("gate.robust_acc"))
 
 
+@_scoped_tracking
 def apply_gate(params: Params, workdir: Path, method: str, version: str, candidate) -> dict:
     """Judge a registered version against the floors and the champion; move the alias if it passes.
 
@@ -572,6 +588,7 @@ def apply_gate(params: Params, workdir: Path, method: str, version: str, candida
     return record
 
 
+@_scoped_tracking
 def load_registered_model(params: Params, workdir: Path, spec: str):
     """Load a registered model version (``NAME@alias`` / ``NAME/version``) for attacking.
 
@@ -610,6 +627,7 @@ def load_registered_model(params: Params, workdir: Path, spec: str):
     return Registered(loaded, classes).eval(), mv
 
 
+@_scoped_tracking
 def log_attack_eval(
     params: Params, workdir: Path, mv, *, metrics: dict[str, float], artifacts: list[Path]
 ) -> str:
@@ -617,7 +635,6 @@ def log_attack_eval(
     import mlflow
 
     uri = tracking_uri(params, workdir)
-    mlflow.set_tracking_uri(uri)
     exp_id = _experiment_id(mlflow, params, workdir, uri)
     tags = {
         **git_state(workdir),
