@@ -6,6 +6,7 @@ Exit codes: 0 success, 1 a stage failed (bad data, unreachable server...), 2 bad
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -47,6 +48,8 @@ def _setup(params_path: Path, verbose: bool, quiet: bool):
     global _verbose
     _verbose = verbose
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    if quiet:  # for logs: no progress bars either (tqdm reads its defaults from TQDM_*)
+        os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("urllib3", "alembic", "matplotlib", "PIL", "httpx", "mlflow.store"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
@@ -57,10 +60,10 @@ def _stage_command(name: str, doc: str):
     def command(
         params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
     ) -> None:
+        loaded = _setup(params, verbose, quiet)  # first: quiet mode must precede tqdm's import
         from transferlab.stages import STAGES
         from transferlab.workspace import workspace_lock
 
-        loaded = _setup(params, verbose, quiet)
         with workspace_lock(Path.cwd()):
             summary = STAGES[name].run(loaded, Path.cwd())
         if not quiet:

@@ -71,3 +71,18 @@ def test_ladder_rows_carry_time_parameters_and_regime():
     assert table[0]["train_seconds"] == 0.2 and table[1]["train_seconds"] == 9.0
     assert table[1]["robust_acc_fgsm"] == 0.25 and table[1]["trained_params"] == 99
     assert table[0]["regime"] == "5/class: few (< 25)"
+
+
+@pytest.mark.slow
+def test_quiet_mode_has_no_progress_bars(pipeline_workspace, tmp_path):
+    import shutil
+
+    out = {}
+    for mode in ("loud", "quiet"):
+        ws = tmp_path / mode
+        shutil.copytree(pipeline_workspace, ws, ignore=shutil.ignore_patterns("lock", "cache"))
+        out[mode] = cli("features", *(["-q"] if mode == "quiet" else []), cwd=ws)
+        assert out[mode].returncode == 0, out[mode].stderr
+    assert "img/s" in out["loud"].stderr and "INFO" in out["loud"].stderr
+    assert "img/s" not in out["quiet"].stderr and "INFO" not in out["quiet"].stderr
+    assert out["quiet"].stdout == ""
