@@ -3,12 +3,11 @@ accuracies, per-class accuracy, per-epoch series, a confusion-matrix plot and th
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from transferlab.report import save_figure
 from transferlab.tracking import MethodRecord
 
 METHODS = ("svm", "top", "full")
@@ -34,13 +33,7 @@ def plot_confusion(cm: list[list[int]], classes: list[str], out: Path, *, title:
     ax.set_ylabel("true")
     ax.set_title(title)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def method_record(

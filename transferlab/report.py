@@ -69,7 +69,7 @@ def results_table(
     return table
 
 
-def _save_figure(fig, out: Path) -> Path:
+def save_figure(fig, out: Path) -> Path:
     """Save a figure as PNG atomically and close it."""
     with atomic_write(out) as f:
         fig.savefig(f, format="png")
@@ -88,7 +88,7 @@ def plot_transfer_matrix(rows: list[dict], out: Path) -> Path:
         fig, ax = plt.subplots(figsize=(4, 1.5), dpi=120)
         ax.text(0.5, 0.5, "no transfer sources (attack.transfer.sources)", ha="center")
         ax.axis("off")
-        return _save_figure(fig, out)
+        return save_figure(fig, out)
     sources = list(dict.fromkeys(r["source"] for r in rows))
     targets = list(dict.fromkeys(r["target"] for r in rows))
     grid = [[float("nan")] * len(targets) for _ in sources]
@@ -110,7 +110,7 @@ def plot_transfer_matrix(rows: list[dict], out: Path) -> Path:
         )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
-    return _save_figure(fig, out)
+    return save_figure(fig, out)
 
 
 def plot_adversarial_grid(examples: list[dict], out: Path, *, amplify: float = 10.0) -> Path:
@@ -148,7 +148,7 @@ def plot_adversarial_grid(examples: list[dict], out: Path, *, amplify: float = 1
         for ax in axes[0]:
             ax.axis("off")
     fig.tight_layout()
-    return _save_figure(fig, out)
+    return save_figure(fig, out)
 
 
 def attach_robustness(record, rows: list[dict]) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.config import FullParams, LearningCurveParams, Params, SvmParams, TopParams
+from transferlab.report import save_figure
 
 log = logging.getLogger(__name__)
 
@@ -268,13 +269,7 @@ def plot_curve(summary: list[dict], out: Path, *, title: str) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out)
-    return out
+    return save_figure(fig, out)
 
 
 def write_outputs(rows: list[dict], lc: LearningCurveParams, root: Path, command: str) -> dict:
