@@ -146,7 +146,9 @@ def test_server_stopped_mid_pull(tmp_path: Path) -> None:
         # Nothing half-written: every file present is complete, no temporaries are left.
         assert not list(mirror.rglob("*.part"))
         present = list(mirror.rglob("*.png"))
-        assert 20 <= len(present) < len(bodies)
+        # after-call fires once headers arrive; up to `workers` bodies were still streaming when
+        # the server stopped, so those may be lost, but every earlier download must be kept.
+        assert 20 - source.workers <= len(present) < len(bodies)
         for p in present:
             assert p.read_bytes() == bodies[f"set/{p.parent.name}/{p.name}"]
         # The pull stage with the server gone: a clear error, the previous dataset untouched.
