@@ -27,22 +27,37 @@ __all__ = [
     "get_spec",
     "load_backbone",
     "preprocess_transform",
+    "resize_crop_transform",
+    "to_unit_float",
 ]
 
 log = logging.getLogger(__name__)
 
 
-def preprocess_transform(spec: BackboneSpec) -> T.Compose:
-    """PIL RGB image -> float tensor (3, S, S) in [0, 1]. Normalisation happens in the model."""
+def resize_crop_transform(spec: BackboneSpec) -> T.Compose:
+    """PIL RGB image -> uint8 tensor (3, S, S): the geometric half of the preprocessing.
+
+    Loader workers stop here: a uint8 batch is a quarter of the float one to pass between
+    processes (or to copy to a GPU), and :func:`to_unit_float` then runs once per batch.
+    """
     interp = T.InterpolationMode(spec.interpolation)
     return T.Compose(
         [
             T.Resize(spec.resize, interpolation=interp, antialias=True),
             T.CenterCrop(spec.input_size),
             T.ToImage(),
-            T.ToDtype(torch.float32, scale=True),
         ]
     )
+
+
+def to_unit_float(x: Tensor) -> Tensor:
+    """uint8 images -> float32 in [0, 1] (exactly what ``ToDtype(float32, scale=True)`` gives)."""
+    return T.functional.to_dtype(x, torch.float32, scale=True)
+
+
+def preprocess_transform(spec: BackboneSpec) -> T.Compose:
+    """PIL RGB image -> float tensor (3, S, S) in [0, 1]. Normalisation happens in the model."""
+    return T.Compose([resize_crop_transform(spec), T.ToDtype(torch.float32, scale=True)])
 
 
 # ------------------------------------------------------------------ weights

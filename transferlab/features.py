@@ -25,7 +25,13 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from transferlab.atomic import atomic_write
-from transferlab.backbones import Backbone, BackboneSpec, preprocess_transform
+from transferlab.backbones import (
+    Backbone,
+    BackboneSpec,
+    preprocess_transform,
+    resize_crop_transform,
+    to_unit_float,
+)
 from transferlab.cache import FeatureCache, atomic_write_json, record_run
 from transferlab.data import open_rgb
 
@@ -228,23 +234,28 @@ def resolve_batch_size(requested: int | str, backbone: Backbone) -> int:
 
 
 class _ImageFiles(Dataset):
-    def __init__(self, paths: Sequence[Path], spec: BackboneSpec, background):
+    def __init__(self, paths: Sequence[Path], transform, background):
         self.paths = list(paths)
-        self.transform = preprocess_transform(spec)
+        self.transform = transform
         self.background = tuple(background)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return self.transform(open_rgb(self.paths[i], background=self.background))
+        # Grayscale files are resized as one channel, then copied to three: the same pixels as
+        # resizing their RGB conversion (Pillow resamples each channel alike), for a third of
+        # the work on MNIST-like data.
+        im = open_rgb(self.paths[i], background=self.background, keep_gray=True)
+        x = self.transform(im)
+        return x.expand(3, -1, -1) if x.shape[0] == 1 else x
 
 
 def load_images(
     paths: Sequence[Path], spec: BackboneSpec, *, background=(255, 255, 255)
 ) -> torch.Tensor:
     """Decode and preprocess images into one (N, 3, S, S) tensor in [0, 1]."""
-    ds = _ImageFiles(paths, spec, background)
+    ds = _ImageFiles(paths, preprocess_transform(spec), background)
     return torch.stack([ds[i] for i in range(len(ds))]) if len(ds) else torch.empty(0, 3, 1, 1)
 
 
@@ -261,7 +272,7 @@ def _extract(
     device = next(backbone.parameters()).device
     on_gpu = device.type == "cuda"
     loader = DataLoader(
-        _ImageFiles(paths, backbone.spec, background),
+        _ImageFiles(paths, resize_crop_transform(backbone.spec), background),
         batch_size=batch_size,
         num_workers=num_workers,
         pin_memory=on_gpu,  # page-locked host batches, so the copy below overlaps compute
@@ -283,6 +294,7 @@ def _extract(
     ):
         for x in loader:
             x = x.to(device, non_blocking=on_gpu).contiguous(memory_format=torch.channels_last)
+            x = to_unit_float(x)  # keeps channels_last
             chunks.append(run(x).float().cpu().numpy())
             bar.update(len(x))
     return np.concatenate(chunks) if chunks else np.empty((0, backbone.feature_dim), np.float32)

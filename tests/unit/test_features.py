@@ -43,3 +43,33 @@ def test_shards_are_written_atomically_and_reloaded(tmp_path):
     fresh.refresh()
     assert "a" in fresh and "c" not in fresh
     np.testing.assert_array_equal(fresh.get(["b", "a"]), np.ones((2, 4)))
+
+
+@pytest.mark.parametrize("size", [(28, 28), (100, 37), (37, 100), (513, 300)])
+def test_loader_pixels_equal_the_plain_rgb_transform(tmp_path, tiny_backbone, size):
+    """Workers hand over uint8 and resize grayscale as one channel: same pixels as the plain
+    PIL-RGB -> float transform, for gray and colour files alike."""
+    import torch
+    from PIL import Image
+
+    from transferlab.backbones import preprocess_transform
+    from transferlab.data import open_rgb
+    from transferlab.features import load_images
+
+    rng = np.random.default_rng(sum(size))
+    gray, rgb = tmp_path / "g.png", tmp_path / "c.png"
+    Image.fromarray(rng.integers(0, 256, size[::-1], dtype=np.uint8), "L").save(gray)
+    Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8), "RGB").save(rgb)
+    spec = tiny_backbone.spec
+    expected = torch.stack([preprocess_transform(spec)(open_rgb(p)) for p in (gray, rgb)])
+    assert torch.equal(load_images([gray, rgb], spec), expected)
+    feats, _ = extract_features(
+        tiny_backbone,
+        [gray, rgb],
+        [file_sha256(gray), file_sha256(rgb)],
+        cache_root=tmp_path / "cache",
+        num_workers=1,
+    )
+    with torch.inference_mode():
+        direct = tiny_backbone.features(expected).numpy()
+    np.testing.assert_allclose(feats, direct, rtol=1e-5, atol=1e-5)
