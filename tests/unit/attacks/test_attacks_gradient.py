@@ -280,3 +280,14 @@ def test_runs_on_cuda(name: str, tiny_cnn: nn.Sequential, tiny_batch) -> None:
     result = attack(model, x, y)
     assert result.x_adv.is_cuda and result.success.is_cuda and result.queries.is_cuda
     assert (distance(result.x_adv, x, attack.norm) <= eps + 1e-5).all()
+
+
+def test_result_carries_the_logits_of_its_adversarials(tiny_cnn: nn.Sequential, tiny_batch) -> None:
+    # The pipeline reads predictions and confidences from these instead of a second forward.
+    x, y = tiny_batch
+    result = PGD(eps=8 / 255, steps=2, seed=0)(tiny_cnn, x, y)
+    with torch.no_grad():
+        expected = tiny_cnn(result.x_adv)
+    assert torch.allclose(result.logits, expected, atol=1e-5)
+    assert torch.equal(result.success, expected.argmax(1) != y)
+    assert result.x_adv.is_contiguous()  # the channels_last copy stays inside
