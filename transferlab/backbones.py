@@ -200,10 +200,15 @@ class Backbone(nn.Module):
 
 
 def load_backbone(name: str, pretrained: str = "package") -> Backbone:
-    """Build the named backbone in eval mode with frozen weights."""
+    """Build the named backbone in eval mode with frozen weights, in channels_last.
+
+    channels_last weights make every convolution run in that layout, whatever the input's,
+    the fastest on oneDNN (CPU) and cuDNN: about a third less time per forward and per input
+    gradient on Lite0 here, for attacks and fine-tuning alike.
+    """
     spec = get_spec(name)
     model, digest = _build_module(spec, pretrained)
-    backbone = Backbone(spec, model, digest).eval()
+    backbone = Backbone(spec, model, digest).eval().to(memory_format=torch.channels_last)
     for p in backbone.parameters():
         p.requires_grad_(False)
     return backbone

@@ -35,14 +35,9 @@ def test_fgsm_matches_torchattacks(lite0: nn.Module, imagenet_photos) -> None:
     eps = 1 / 255
     ours = FGSM(eps=eps)(lite0, x, y)
     reference = torchattacks.FGSM(lite0, eps=eps)(x, y)
-    diff = (ours.x_adv - reference).abs()
-    # We convolve in channels_last (faster), torchattacks in NCHW: the float sums differ in the
-    # last bits, which can flip the sign of a gradient that is almost zero. Such a pixel moves
-    # by up to 2 * eps; every other pixel must agree exactly.
-    flipped = diff > 1e-6
-    log.info("FGSM eps=1/255: %d of %d pixels differ", int(flipped.sum()), diff.numel())
-    assert flipped.float().mean() <= 1e-4
-    assert float(diff.max()) <= 2 * eps + 1e-6
+    diff = float((ours.x_adv - reference).abs().max())
+    log.info("FGSM eps=1/255: max |ours - torchattacks| = %.3g", diff)
+    assert diff <= 1e-6
     assert torch.equal(ours.success, ~correct(lite0, reference, y))
 
 
