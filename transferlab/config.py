@@ -349,7 +349,7 @@ class LearningCurveParams(Section):
 
 # Registry names that the attack stage accepts (transferlab.attacks.ATTACKS, minus pgd_l2 whose
 # eps is an L2 norm and does not share the L-inf sweep). Literal, so a typo lists the choices.
-AttackName = Literal["fgsm", "bim", "pgd", "mifgsm", "square", "nes", "spsa"]
+AttackName = Literal["fgsm", "bim", "pgd", "mifgsm", "square", "nes", "spsa", "hopskipjump"]
 WhiteBoxName = Literal["fgsm", "bim", "pgd", "mifgsm"]
 
 
@@ -420,6 +420,14 @@ class SpsaParams(Section):
     )
 
 
+class HopSkipJumpParams(Section):
+    max_queries: int = Field(1000, ge=1)
+    init_evals: int = Field(100, ge=1, description="probes of the first boundary estimate")
+    max_evals: int = Field(10_000, ge=1, description="most probes per boundary estimate")
+    init_tries: int = Field(100, ge=1, description="random images tried as a start")
+    gamma: float = Field(1.0, gt=0.0)
+
+
 class TransferParams(Section):
     """Craft on each source, evaluate on every attacked model (``attack.models``).
 
@@ -478,6 +486,7 @@ class AttackParams(Section):
     square: SquareParams = Field(default_factory=SquareParams)
     nes: NesParams = Field(default_factory=NesParams)
     spsa: SpsaParams = Field(default_factory=SpsaParams)
+    hopskipjump: HopSkipJumpParams = Field(default_factory=HopSkipJumpParams)
     transfer: TransferParams = Field(default_factory=TransferParams)
 
     @field_validator("eps", mode="before")

@@ -7,7 +7,8 @@ Like foolbox, hyperparameters go to the constructor and the model to the call::
     robust_accuracy = 1 - result.success.float().mean()
 
 White-box attacks (``gradient``) are configurations of one projected-gradient loop; black-box
-attacks (``blackbox``) only ever see a counted ``predict(x) -> scores`` oracle.
+attacks (``blackbox``) only ever see a counted ``predict(x) -> scores`` oracle, and the
+decision-based one (``decision``) reads only the top-1 label of each answer.
 """
 
 from transferlab.attacks.base import Attack, AttackResult, project
@@ -21,6 +22,7 @@ from transferlab.attacks.blackbox import (
     ScoreOracle,
     Square,
 )
+from transferlab.attacks.decision import HopSkipJump
 from transferlab.attacks.gradient import (
     ATTACKS,
     BIM,
@@ -33,6 +35,8 @@ from transferlab.attacks.gradient import (
 )
 
 # One registry for make_attack; black-box classes live in their own module.
+# HopSkipJump only queries the model too: a black-box attack for the sanity checks and reports.
+BLACKBOX_ATTACKS["hopskipjump"] = HopSkipJump
 ATTACKS.update(BLACKBOX_ATTACKS)
 
 __all__ = [
@@ -40,6 +44,7 @@ __all__ = [
     "BIM",
     "BLACKBOX_ATTACKS",
     "FGSM",
+    "HopSkipJump",
     "MIFGSM",
     "NES",
     "PGD",

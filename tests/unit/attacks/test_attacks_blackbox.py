@@ -14,6 +14,7 @@ from transferlab.attacks import (
     PGD,
     SPSA,
     BlackBoxAttack,
+    HopSkipJump,
     QueryBudgetExceeded,
     ScoreOracle,
     Square,
@@ -67,7 +68,7 @@ def test_search_only_gets_the_oracle(tiny_cnn: nn.Sequential, tiny_batch) -> Non
     assert result.queries.tolist() == [1] * 16 and result.gradients == 0
 
 
-@pytest.mark.parametrize("cls", [Square, NES, SPSA])
+@pytest.mark.parametrize("cls", [Square, NES, SPSA, HopSkipJump])
 def test_queries_within_budget_and_misclassified_stop_at_one(
     cls: type[BlackBoxAttack], tiny_cnn: nn.Sequential, tiny_batch
 ) -> None:
@@ -82,7 +83,7 @@ def test_queries_within_budget_and_misclassified_stop_at_one(
     assert (result.x_adv - x).abs().max() <= 8 / 255 + 1e-6
 
 
-@pytest.mark.parametrize("cls", [Square, NES, SPSA])
+@pytest.mark.parametrize("cls", [Square, NES, SPSA, HopSkipJump])
 def test_seeded_blackbox_is_reproducible(cls, tiny_cnn: nn.Sequential, tiny_batch) -> None:
     x, y = tiny_batch
     a = cls(eps=8 / 255, max_queries=30, seed=1)(tiny_cnn, x, y)
@@ -103,7 +104,7 @@ def test_blackbox_is_weaker_than_whitebox(tiny_cnn: nn.Sequential, big_batch) ->
     # The sanity flag's premise on a model without gradient masking.
     x, y = big_batch
     white = PGD(eps=8 / 255, steps=10, seed=0)(tiny_cnn, x, y).success_rate
-    for cls in (Square, NES, SPSA):
+    for cls in (Square, NES, SPSA, HopSkipJump):
         assert cls(eps=8 / 255, max_queries=100, seed=0)(tiny_cnn, x, y).success_rate <= white
 
 
@@ -142,3 +143,41 @@ def test_blackbox_validation() -> None:
         NES(eps=0.1, samples=0)
     with pytest.raises(ValueError, match="sigma"):
         SPSA(eps=0.1, sigma=0)
+
+
+def test_hopskipjump_reads_only_the_label(tiny_cnn: nn.Sequential, tiny_batch) -> None:
+    # A model that answers with a bare one-hot label leads to the very same search. (The label
+    # is the top log-probability's, what the oracle reports: at the boundary two logits are so
+    # close that rounding in log_softmax can decide between them.)
+    x, y = tiny_batch
+
+    def label_only(z: Tensor) -> Tensor:
+        label = tiny_cnn(z).log_softmax(1).argmax(1)
+        return 5.0 * torch.nn.functional.one_hot(label, 10).float()
+
+    class LabelOnly(nn.Module):
+        def forward(self, z: Tensor) -> Tensor:
+            return label_only(z)
+
+    a = HopSkipJump(eps=16 / 255, max_queries=300, seed=2)(tiny_cnn, x, y)
+    b = HopSkipJump(eps=16 / 255, max_queries=300, seed=2)(LabelOnly().eval(), x, y)
+    assert torch.equal(a.x_adv, b.x_adv) and torch.equal(a.queries, b.queries)
+
+
+def test_hopskipjump_shrinks_the_perturbation_with_more_queries(big_batch, tiny_cnn) -> None:
+    x, y = big_batch
+    x, y = x[:12], y[:12]
+
+    def distances(budget: int) -> Tensor:
+        # eps = 1 keeps the raw result: its L-inf distance is what the attack minimises.
+        res = HopSkipJump(eps=1.0, max_queries=budget, init_tries=200, seed=0)(tiny_cnn, x, y)
+        d = (res.x_adv - x).flatten(1).abs().amax(1)
+        return torch.where(res.success, d, torch.inf)
+
+    few, many = distances(300), distances(1500)
+    # Every image starts from another image of the batch, so every one ends adversarial.
+    assert torch.isfinite(few).all() and torch.isfinite(many).all()
+    # The images share one random stream, so runs with other budgets drift apart: most images,
+    # not all, end nearer; the typical one clearly nearer (measured: 25% nearer).
+    assert (many <= few + 1e-6).float().mean() >= 0.75
+    assert many.median() < 0.85 * few.median()

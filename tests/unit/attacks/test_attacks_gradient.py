@@ -241,7 +241,7 @@ def test_project_onto_ball_and_box() -> None:
 
 
 def test_make_attack_errors() -> None:
-    with pytest.raises(ValueError, match=r"'bim', 'fgsm', 'mifgsm', 'nes', 'pgd', 'pgd_l2'"):
+    with pytest.raises(ValueError, match=r"'bim', 'fgsm', 'hopskipjump', 'mifgsm', 'nes', 'pgd'"):
         make_attack("cw", eps=0.1)
     with pytest.raises(ValueError, match="steps"):
         make_attack("fgsm", eps=0.1, steps=3)
