@@ -319,6 +319,12 @@ def full(params: Params, root: Path) -> dict:
     """Full fine-tuning, checkpointed every epoch; resumes after a kill."""
     from transferlab.classifiers.methods import run_full
 
+    # A SIGKILL during a checkpoint save leaves its temp file (the size of the model and the
+    # optimizer state); the workspace lock makes this run the only writer, so it is stale.
+    ckpt = root / FULL_CHECKPOINT
+    for tmp in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):
+        log.info("full: removing %s, left by an interrupted checkpoint save", tmp)
+        tmp.unlink(missing_ok=True)
     return run_full(params, root)
 
 
