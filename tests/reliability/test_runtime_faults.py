@@ -124,8 +124,8 @@ def _mlflow_runs(ws: Path, experiment: str = "tiny"):
     [
         Case(
             "sigterm-during-report",
-            "SIGTERM while the MLflow run is open",
-            "the run ends FAILED, not RUNNING",
+            "SIGTERM while the MLflow runs are open",
+            "the process ends them FAILED itself, none RUNNING",
             "earlier runs",
         ).param(signal.SIGTERM),
         Case(
@@ -141,21 +141,114 @@ def test_interrupted_report_never_leaves_a_running_run(case, sig, workspace_copy
     log = tmp_path / "report.log"
     proc = _start("report", workspace_copy, log)
 
-    def open_run():
-        return any(r.info.status == "RUNNING" for r in _mlflow_runs(workspace_copy))
+    def first_method_open():
+        # not just the parent: with methods still to log, the signal cannot land after the end
+        return any(
+            r.info.status == "RUNNING" and r.info.run_name == "svm"
+            for r in _mlflow_runs(workspace_copy)
+        )
 
-    _wait_for(open_run)
+    _wait_for(first_method_open)
     proc.send_signal(sig)
     proc.wait(timeout=60)
-    # SIGTERM usually ends the run FAILED itself, but a signal landing between MLflow creating
-    # a nested run and entering it can leave that one open; the next report closes it either way
-    done = cli("report", cwd=workspace_copy)
-    assert done.returncode == 0, done.stderr
-    statuses = {r.info.run_id: r.info.status for r in _mlflow_runs(workspace_copy)}
-    interrupted = {k: v for k, v in statuses.items() if k not in earlier}
-    assert "RUNNING" not in statuses.values()
-    assert {"FAILED", "KILLED"} & set(interrupted.values()), interrupted
-    assert all(statuses[k] == "FINISHED" for k in earlier)
+    if sig == signal.SIGKILL:
+        assert "RUNNING" in {r.info.status for r in _mlflow_runs(workspace_copy)}
+        done = cli("report", cwd=workspace_copy)
+        assert done.returncode == 0, done.stderr
+    else:
+        assert proc.returncode == 130, log.read_text()[-2000:]
+    runs = {r.info.run_id: r for r in _mlflow_runs(workspace_copy)}
+    interrupted = {
+        k: r
+        for k, r in runs.items()
+        if k not in earlier and r.data.tags.get("transferlab.pid") == str(proc.pid)
+    }
+    statuses = {k: r.info.status for k, r in interrupted.items()}
+    assert "RUNNING" not in {r.info.status for r in runs.values()}
+    (parent,) = (r for r in interrupted.values() if r.info.run_name == "pipeline")
+    assert parent.info.status == ("KILLED" if sig == signal.SIGKILL else "FAILED"), statuses
+    # methods logged before the signal stay FINISHED; the one it hit ends like the parent
+    assert set(statuses.values()) <= {parent.info.status, "FINISHED"}, statuses
+    assert all(runs[k].info.status == "FINISHED" for k in earlier)
+
+
+def _patch_after_nested_create(monkeypatch, mlflow):
+    """The signal lands right after the store created a nested run, before start_run returns
+    (the run is unknown to MLflow's stack of active runs)."""
+    original = mlflow.MlflowClient.create_run
+
+    def create_run(self, *args, **kwargs):
+        run = original(self, *args, **kwargs)
+        if "mlflow.parentRunId" in (kwargs.get("tags") or {}):
+            raise KeyboardInterrupt("stopped by signal 15")
+        return run
+
+    monkeypatch.setattr(mlflow.MlflowClient, "create_run", create_run)
+
+
+def _patch_before_nested_enter(monkeypatch, mlflow):
+    """The signal lands after start_run returned a nested run, before its ``with`` block was
+    entered (the run is on top of the stack, so the parent's exit would end it instead)."""
+    original = mlflow.start_run
+
+    def start_run(*args, **kwargs):
+        run = original(*args, **kwargs)
+        if kwargs.get("nested"):
+            raise KeyboardInterrupt("stopped by signal 15")
+        return run
+
+    monkeypatch.setattr(mlflow, "start_run", start_run)
+
+
+@pytest.mark.parametrize(
+    ("case", "patch"),
+    [
+        Case(
+            "sigterm-after-nested-run-created",
+            "SIGTERM right after MLflow created a nested run, before start_run returned",
+            "parent and nested run end FAILED",
+            "no run RUNNING, no active run left in the process",
+        ).param(_patch_after_nested_create),
+        Case(
+            "sigterm-before-nested-run-entered",
+            "SIGTERM after start_run returned a nested run, before its with block",
+            "parent and nested run end FAILED",
+            "no run RUNNING, no active run left in the process",
+        ).param(_patch_before_nested_enter),
+    ],
+)
+def test_signal_between_creating_and_entering_a_run(
+    case, patch, tiny_dataset, tmp_path_factory, monkeypatch
+):
+    import mlflow
+
+    from transferlab.config import load_params
+    from transferlab.tracking import MethodRecord, log_pipeline_run
+
+    # one store for both cases (creating its schema takes seconds), an experiment each
+    ws = tmp_path_factory.getbasetemp() / "race_ws"
+    ws.mkdir(exist_ok=True)
+    own = ws / f"{case.id}.yaml"
+    own.write_text(yaml.safe_dump(tiny_params(tiny_dataset, tracking={"experiment": case.id})))
+    params = load_params(own)
+    patch(monkeypatch, mlflow)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            log_pipeline_run(
+                params,
+                ws,
+                tags={},
+                methods=[MethodRecord("svm", metrics={"test_acc": 1.0})],
+                artifacts=[],
+            )
+        monkeypatch.undo()
+        left_active = mlflow.active_run()
+    finally:
+        # a run left on MLflow's stack would break every later test of this process
+        mlflow.tracking.fluent._active_run_stack.get().clear()
+    assert left_active is None
+    statuses = {r.info.run_name: r.info.status for r in _mlflow_runs(ws, case.id)}
+    assert statuses == {"pipeline": "FAILED", "svm": "FAILED"}
 
 
 @pytest.mark.parametrize(

@@ -72,7 +72,8 @@ def make_client(source: S3Source):
     from botocore.config import Config
 
     config = Config(
-        retries={"max_attempts": source.retries + 1, "mode": "standard"},
+        # total_max_attempts counts the first request; max_attempts would count only retries
+        retries={"total_max_attempts": source.retries + 1, "mode": "standard"},
         connect_timeout=source.timeout,
         read_timeout=source.timeout,
         max_pool_connections=max(10, source.workers),
