@@ -6,6 +6,9 @@ whether training accuracy hits 100% while validation lags (overfitting). On top:
 then cosine decay, gradient clipping, optional gradual unfreezing (top groups first), bf16
 autocast where the hardware has it, early stopping, and an atomic checkpoint every epoch so a
 killed run resumes where it stopped.
+
+Progress: an epoch bar (train loss and accuracy, val accuracy) over a batch bar (img/s and the
+running train loss and accuracy); each epoch's figures are also logged at INFO.
 """
 
 from __future__ import annotations
@@ -20,7 +23,6 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from transferlab.backbones import Backbone
 from transferlab.classifiers.training import (
@@ -34,6 +36,7 @@ from transferlab.classifiers.training import (
     use_bf16,
 )
 from transferlab.config import FullParams
+from transferlab.progress import Throttle, progress
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +178,7 @@ def train_full(
             log.warning("full: %s is from other data or settings; starting afresh", checkpoint)
 
     start = time.perf_counter()
-    bar = tqdm(range(start_epoch, params.epochs), desc="full", unit="epoch", leave=False)
+    bar = progress(range(start_epoch, params.epochs), desc="full", unit="epoch")
     for epoch in bar:
         if stopped:
             break
@@ -189,30 +192,50 @@ def train_full(
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         perm = torch.randperm(len(y_train), generator=order)
-        total_loss, correct = 0.0, 0
-        for i in range(0, len(perm), params.batch_size):
-            idx = perm[i : i + params.batch_size]
-            x = x_train[idx]
-            if aug is not None:
-                x = augment_batch(x, aug)
-            y = y_train[idx].to(device)
-            logits = forward(x)
-            loss = loss_fn(logits, y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if params.grad_clip is not None:
-                nn.utils.clip_grad_norm_(
-                    [p for g in opt.param_groups for p in g["params"] if p.grad is not None],
-                    params.grad_clip,
-                )
-            opt.step()
-            sched.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y).sum())
+        # summed on the device: reading them back every batch would stall a GPU's queue
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        n_correct = torch.zeros((), dtype=torch.int64, device=device)
+        batches = progress(
+            desc=f"full epoch {epoch + 1}/{params.epochs}", unit="img", total=len(y_train)
+        )
+        show = Throttle(batches)
+        with batches:
+            for i in range(0, len(perm), params.batch_size):
+                idx = perm[i : i + params.batch_size]
+                x = x_train[idx]
+                if aug is not None:
+                    x = augment_batch(x, aug)
+                y = y_train[idx].to(device)
+                logits = forward(x)
+                loss = loss_fn(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                if params.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(
+                        [p for g in opt.param_groups for p in g["params"] if p.grad is not None],
+                        params.grad_clip,
+                    )
+                opt.step()
+                sched.step()
+                loss_sum += loss.detach().double() * len(idx)
+                n_correct += (logits.argmax(1) == y).sum()
+                if show():  # training accuracy is the recipe's overfitting signal: show it
+                    seen = i + len(idx)
+                    batches.set_postfix(
+                        loss=f"{float(loss_sum) / seen:.4f}",
+                        acc=f"{int(n_correct) / seen:.3f}",
+                        refresh=False,
+                    )
+                batches.update(len(idx))
         backbone.eval()
         head.eval()
+        total_loss, correct = float(loss_sum), int(n_correct)
         train_acc = correct / len(y_train)
-        val_acc = accuracy(predict(forward, x_val, batch_size=64), y_val) if has_val else None
+        val_acc = (
+            accuracy(predict(forward, x_val, batch_size=64, desc="full val"), y_val)
+            if has_val
+            else None
+        )
         row = {
             "epoch": epoch,
             "lr_backbone": opt.param_groups[0]["lr"],
@@ -224,6 +247,20 @@ def train_full(
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
+        bar.set_postfix(
+            loss=f"{row['train_loss']:.4f}",
+            acc=f"{train_acc:.3f}",
+            **({"val_acc": f"{val_acc:.3f}"} if has_val else {}),
+        )
+        log.info(
+            "full epoch %d/%d: train loss %.4f, train acc %.3f, val acc %s (%.1f s)",
+            epoch + 1,
+            params.epochs,
+            row["train_loss"],
+            train_acc,
+            "-" if val_acc is None else f"{val_acc:.3f}",
+            row["seconds"],
+        )
         if has_val and train_acc >= 1.0 and val_acc < train_acc - OVERFIT_GAP:
             log.warning(
                 "full: training accuracy reached 100%% at epoch %d while validation is %.3f: "
@@ -264,6 +301,7 @@ def train_full(
             )
         if on_epoch_end is not None:
             on_epoch_end(row)
+    bar.close()
     if best["backbone"] is not None:
         backbone.load_state_dict(best["backbone"])
         head.load_state_dict(best["head"])

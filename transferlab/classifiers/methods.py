@@ -145,7 +145,7 @@ def run_full(params: Params, root: Path) -> dict:
         fingerprint=_fingerprint(params, root),
     )
     clf = Classifier(res.backbone, res.head, classes, "full").eval().cpu()
-    preds = {p: predict(clf, imgs[f"x_{p}"], batch_size=32) for p in PARTS}
+    preds = {p: predict(clf, imgs[f"x_{p}"], batch_size=32, desc=f"full {p} set") for p in PARTS}
     metrics = split_metrics(preds, {p: imgs[f"y_{p}"].numpy() for p in PARTS}, classes)
     metrics.update(
         {
