@@ -660,12 +660,17 @@ def main() -> None:
     except ParamsError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except (click.ClickException, typer.TyperException) as exc:
+        # typer vendors its own click: its usage errors (an unknown option, a bad --eps, no
+        # command at all) derive from typer.TyperException, not from click's ClickException
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         err.print("interrupted: finished outputs are kept; re-run to continue")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a CLI

@@ -53,6 +53,15 @@ def test_every_command_has_help_with_an_example(command, tmp_path):
     assert "Reads:" in proc.stdout and "Writes:" in proc.stdout
 
 
+def test_usage_errors_exit_2_with_clicks_message(tmp_path):
+    proc = cli("full", "--no-such-option", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "No such option" in proc.stderr and "error: NoSuchOption" not in proc.stderr
+    proc = cli(cwd=tmp_path)  # no command: the help, not an error line
+    assert proc.returncode == 2 and "Usage" in proc.stdout
+    assert "error:" not in proc.stderr
+
+
 def test_stage_help_names_what_the_stage_reads_and_writes():
     from transferlab.stages import STAGES
 
