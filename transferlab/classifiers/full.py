@@ -34,6 +34,7 @@ from transferlab.classifiers.training import (
     make_optimizer,
     predict,
     use_bf16,
+    use_channels_last,
 )
 from transferlab.config import FullParams
 from transferlab.progress import Throttle, progress
@@ -123,11 +124,14 @@ def train_full(
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = use_bf16(params.precision, device)
+    channels_last = use_channels_last(device)
     torch.manual_seed(params.seed)
     head = make_head(
         params.head, backbone.feature_dim, n_classes, hidden=params.hidden, dropout=params.dropout
     )
     backbone.to(device)
+    if channels_last:  # same arithmetic, faster convolutions; the caller gets NCHW back
+        backbone.to(memory_format=torch.channels_last)
     head.to(device)
     for p in backbone.parameters():
         p.requires_grad_(True)
@@ -154,8 +158,11 @@ def train_full(
     has_val = x_val is not None and y_val is not None and len(y_val) > 0
 
     def forward(x: Tensor) -> Tensor:
+        x = x.to(device, non_blocking=True)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            return head(backbone.features(x.to(device, non_blocking=True))).float()
+            return head(backbone.features(x)).float()
 
     history: list[dict] = []
     best = {"acc": -1.0, "epoch": 0, "backbone": None, "head": None}
@@ -305,6 +312,8 @@ def train_full(
     if best["backbone"] is not None:
         backbone.load_state_dict(best["backbone"])
         head.load_state_dict(best["head"])
+    if channels_last:
+        backbone.to(memory_format=torch.contiguous_format)
     n_trained = sum(p.numel() for p in backbone.parameters()) + sum(
         p.numel() for p in head.parameters()
     )

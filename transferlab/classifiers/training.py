@@ -137,6 +137,13 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
 
 
+def use_channels_last(device: torch.device) -> bool:
+    """Train convolutions in channels_last on CPUs: the same arithmetic, and Lite0's training
+    step runs about 1.6x faster than in NCHW there (oneDNN; measured at 32-128 px, fp32).
+    CUDA keeps the default layout: not measured on a GPU."""
+    return device.type == "cpu"
+
+
 @torch.no_grad()
 def predict(fn, x: Tensor, *, batch_size: int = 64, desc: str | None = None) -> np.ndarray:
     """Argmax predictions of ``fn`` over ``x`` in batches; returns (N,) int64.
