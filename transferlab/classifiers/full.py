@@ -209,7 +209,9 @@ def train_full(
                     m.eval()
         perm = torch.randperm(len(y_train), generator=order)
         # summed on the device: reading them back every batch would stall a GPU's queue
-        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+        # (float64 as the Python float sum was; Apple's MPS has no float64)
+        sum_dtype = torch.float32 if device.type == "mps" else torch.float64
+        loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
         n_correct = torch.zeros((), dtype=torch.int64, device=device)
         batches = progress(
             desc=f"full epoch {epoch + 1}/{params.epochs}", unit="img", total=len(y_train)
@@ -233,7 +235,7 @@ def train_full(
                     )
                 opt.step()
                 sched.step()
-                loss_sum += loss.detach().double() * len(idx)
+                loss_sum += loss.detach().to(sum_dtype) * len(idx)
                 n_correct += (logits.argmax(1) == y).sum()
                 if show():  # training accuracy is the recipe's overfitting signal: show it
                     seen = i + len(idx)
