@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a stage failed (bad data, unreachable server...), 2 bad
 
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import signal
@@ -19,14 +20,37 @@ from rich.table import Table
 
 from transferlab.config import DEFAULT_PARAMS, ParamsError, load_params
 
+
+def _help(doc: str) -> str:
+    """A docstring as help text: rich keeps single line breaks, so each prose paragraph becomes
+    one line (the terminal wraps it); paragraphs that start indented stay as written."""
+    paragraphs = inspect.cleandoc(doc).split("\n\n")
+    return "\n\n".join(p if p.startswith(" ") else " ".join(p.split("\n")) for p in paragraphs)
+
+
+def _examples(*lines: str) -> str:
+    """The epilog under a command's options: one example invocation per line."""
+    return "Examples:\n" + "\n".join(f"  {line}" for line in lines)
+
+
 app = typer.Typer(
-    help=(
-        "Adapt an ImageNet CNN to your images (linear SVM on deep features, ...) and measure "
-        "how easily it is fooled by adversarial examples.\n\n"
-        "Every command reads params.yaml (or --params PATH). Typical use:\n\n"
-        "  transferlab run            # the whole pipeline as a Prefect flow\n\n"
-        "  dvc repro                  # the same stages, one process each, via dvc.yaml\n\n"
-        "  transferlab features       # one stage"
+    help=_help(
+        """Adapt an ImageNet CNN to your images (a linear SVM on its features, a new top layer,
+        or full fine-tuning) and measure how easily each adapted model is fooled by adversarial
+        examples.
+
+        Every command reads params.yaml in the current folder (or --params PATH) and works in
+        the current folder: data/, features/, models/, metrics/, plots/, reports/, and an
+        MLflow store (mlruns.db, mlartifacts/). Progress bars go to stderr; --quiet turns them
+        and the INFO logs off. Run `transferlab COMMAND --help` for what a command reads and
+        writes."""
+    ),
+    epilog=_examples(
+        "transferlab run                 # the whole pipeline as a Prefect flow",
+        "dvc repro                       # the same stages, one process each (dvc.yaml)",
+        "transferlab features            # one stage",
+        "transferlab compare --last 5    # accuracy and robustness of the last runs",
+        "transferlab full --help         # what a stage reads and writes",
     ),
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -56,38 +80,120 @@ def _setup(params_path: Path, verbose: bool, quiet: bool):
     return load_params(params_path)
 
 
-def _stage_command(name: str, doc: str):
+def _stage_command(
+    name: str, doc: str, more: str, *, reads: str, writes: str, examples: tuple[str, ...]
+):
     def command(
         params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
     ) -> None:
         loaded = _setup(params, verbose, quiet)  # first: quiet mode must precede tqdm's import
+        from transferlab.progress import logs_above_bars
         from transferlab.stages import STAGES
         from transferlab.workspace import workspace_lock
 
-        with workspace_lock(Path.cwd()):
+        with workspace_lock(Path.cwd()), logs_above_bars():
             summary = STAGES[name].run(loaded, Path.cwd())
         if not quiet:
             out.print_json(data=summary)
 
     command.__doc__ = doc
-    app.command(name)(command)
+    help_text = _help(f"{doc}\n\n{more}\n\nReads: {reads}\n\nWrites: {writes}")
+    app.command(name, help=help_text, epilog=_examples(*examples))(command)
 
 
+# What each stage reads and writes, as STAGES (and dvc.yaml) declare it: tests/unit/test_cli.py
+# checks that every declared path and params section is named here.
 _stage_command(
-    "pull", "Validate the dataset's images, copy them to data/, write data/manifest.csv."
+    "pull",
+    "Validate the dataset's images, copy them to data/, write data/manifest.csv.",
+    "Every image is decoded and checked (size, pixels, duplicates); byte-identical copies are "
+    "rejected, since they would leak between train and test.",
+    reads="the images data.source names (a folder, IDX files, an HTTP archive, S3, a "
+    "torchvision dataset...); params: data.",
+    writes="data/images/ (one folder per class), data/manifest.csv (path, label, sha256, size "
+    "per image), data/rejected.json (what was left out, and why).",
+    examples=("transferlab pull", "transferlab pull --params my-params.yaml --verbose"),
 )
-_stage_command("split", "Stratified, seeded train/val/test split: data/split.csv.")
-_stage_command("features", "Frozen-backbone features (cached by image content): features/.")
-_stage_command("svm", "Linear SVM (liblinear) on the features, C by cross-validation: models/svm/.")
-_stage_command("top", "A new head on the frozen backbone (SGD, early stopping): models/top/.")
-_stage_command("full", "Full fine-tuning, checkpointed every epoch, resumable: models/full/.")
+_stage_command(
+    "split",
+    "Stratified, seeded train/val/test split: data/split.csv.",
+    "split.shots picks N training images per class (few-shot); val and test stay the same.",
+    reads="data/manifest.csv; params: split.",
+    writes="data/split.csv (path, label, sha256, split).",
+    examples=("transferlab split",),
+)
+_stage_command(
+    "features",
+    "Frozen-backbone features (cached by image content): features/.",
+    "Only images the cache has not seen are extracted; the bar shows img/s.",
+    reads="data/manifest.csv, data/images/; params: data, features.",
+    writes="features/features.npz (features, sha256, path, label); fills the feature cache "
+    "(features.cache_dir, see `transferlab cache --help`).",
+    examples=("transferlab features", "transferlab features --quiet   # logs without bars"),
+)
+_stage_command(
+    "svm",
+    "Linear SVM (liblinear) on the features, C by cross-validation: models/svm/.",
+    "Stored as backbone + one linear layer, so attacks reach it end to end.",
+    reads="features/features.npz, data/split.csv; params: features, svm, split.",
+    writes="models/svm/ (the classifier), metrics/svm.json (accuracies, CV score per C, "
+    "confusion matrix).",
+    examples=("transferlab svm",),
+)
+_stage_command(
+    "top",
+    "A new head on the frozen backbone (SGD, early stopping): models/top/.",
+    "Trains on the cached features, or through the backbone with top.augment; the epoch bar "
+    "shows the training loss and accuracy and the val accuracy.",
+    reads="features/features.npz, data/split.csv, data/manifest.csv, data/images/ (with "
+    "top.augment); params: data, features, top, split.",
+    writes="models/top/, metrics/top.json (accuracies, per-epoch history, confusion matrix).",
+    examples=("transferlab top",),
+)
+_stage_command(
+    "full",
+    "Full fine-tuning, checkpointed every epoch, resumable: models/full/.",
+    "Backbone and head train together (SGD, a smaller learning rate for the backbone, "
+    "augmentation). An epoch bar and a batch bar show img/s and the running training loss and "
+    "accuracy: training accuracy near 1 with val accuracy lagging means overfitting.",
+    reads="data/split.csv, data/manifest.csv, data/images/; params: data, features, full, split.",
+    writes="models/full/, metrics/full.json (accuracies, per-epoch history); while it runs, a "
+    "checkpoint every epoch in .transferlab/checkpoints/full.pt, so a re-run after a kill "
+    "resumes (full.resume) and deletes it at the end.",
+    examples=("transferlab full", "transferlab full -q 2> full.log   # for a log file"),
+)
 _stage_command(
     "attack",
     "White-box, black-box and transfer attacks over the eps sweep: metrics/attack.json.",
+    "Every model in attack.models, every attack in attack.attacks at every attack.eps; finished "
+    "batches are kept, so a killed run resumes.",
+    reads="models/svm/, models/top/, models/full/, data/split.csv, data/images/; params: "
+    "attack, data, features.",
+    writes="metrics/attack.json, metrics/transfer.json, plots/robustness.csv, "
+    "plots/transfer.png, plots/adversarial_examples.png; finished batches in attack.work_dir.",
+    examples=("transferlab attack",),
 )
-_stage_command("report", "Plots, reports/results.json, and one MLflow run with the lineage.")
 _stage_command(
-    "gate", "Robustness regression gate: promote each new model version to champion if it passes."
+    "report",
+    "Plots, reports/results.json, and one MLflow run with the lineage.",
+    "The MLflow run has one nested run and one registered model version per method; "
+    "reports/index.html shows the results table and the plots.",
+    reads="metrics/svm.json, metrics/top.json, metrics/full.json, metrics/attack.json, "
+    "plots/robustness.csv, models/svm/, models/top/, models/full/, data/manifest.csv; params: "
+    "tracking.",
+    writes="plots/robustness.png, plots/confusion/, reports/results.json, reports/index.html; "
+    "runs and model versions in the MLflow store (tracking.tracking_uri).",
+    examples=("transferlab report", "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 transferlab report"),
+)
+_stage_command(
+    "gate",
+    "Robustness regression gate: promote each new model version to champion if it passes.",
+    "The alias (gate.alias) moves to a method's new version only if its clean and robust "
+    "accuracy clear params.gate.",
+    reads="reports/results.json, metrics/attack.json, the MLflow model registry; params: gate, "
+    "tracking.",
+    writes="reports/gate.json (each decision and why); the alias in the registry.",
+    examples=("transferlab gate", "transferlab lineage transferlab-svm@champion"),
 )
 
 
@@ -96,7 +202,13 @@ ModelArg = Annotated[
 ]
 
 
-@app.command("lineage")
+@app.command(
+    "lineage",
+    epilog=_examples(
+        "transferlab lineage transferlab-svm@champion",
+        "transferlab lineage transferlab-full/3 --json",
+    ),
+)
 def lineage(
     model: ModelArg,
     params: ParamsOpt = DEFAULT_PARAMS,
@@ -105,7 +217,10 @@ def lineage(
 ) -> None:
     """The data, code and params behind a registered model version.
 
-    Example: transferlab lineage transferlab-svm@champion
+    Reads: the MLflow model registry and the version's run (tracking.tracking_uri; models are
+    named EXPERIMENT-METHOD after tracking.experiment).
+
+    Writes: nothing.
     """
     from transferlab.tracking import model_lineage
 
@@ -125,7 +240,13 @@ def lineage(
         out.print(f"  {key} = {value}", highlight=False)
 
 
-@app.command("attack-eval")
+@app.command(
+    "attack-eval",
+    epilog=_examples(
+        "transferlab attack-eval transferlab-svm@champion",
+        "transferlab attack-eval transferlab-full/2 --params params.yaml",
+    ),
+)
 def attack_eval(
     model: ModelArg,
     params: ParamsOpt = DEFAULT_PARAMS,
@@ -134,44 +255,74 @@ def attack_eval(
 ) -> None:
     """Attack a registered model version on this workspace's test split and log the run.
 
-    Example: transferlab attack-eval transferlab-svm@champion
+    Reads: the model from the MLflow registry, data/split.csv and data/images/ (the test
+    split); params: attack.
+
+    Writes: metrics/attack_eval/NAME-vVERSION.json and an MLflow run linked to the version.
     """
+    loaded = _setup(params, verbose, quiet)
+    from transferlab.progress import logs_above_bars
     from transferlab.stages import attack_registered
 
-    summary = attack_registered(_setup(params, verbose, quiet), Path.cwd(), model=model)
+    with logs_above_bars():
+        summary = attack_registered(loaded, Path.cwd(), model=model)
     if not quiet:
         out.print_json(data=summary)
 
 
-experiment_app = typer.Typer(help="Experiments that compare the adaptation methods.")
+experiment_app = typer.Typer(
+    help="Experiments that compare the adaptation methods.",
+    epilog=_examples("transferlab experiment learning-curve"),
+    no_args_is_help=True,
+)
 app.add_typer(experiment_app, name="experiment")
 
 
-@experiment_app.command("learning-curve")
+@experiment_app.command(
+    "learning-curve",
+    epilog=_examples(
+        "transferlab experiment learning-curve",
+        "transferlab experiment learning-curve --params params.yaml --quiet",
+    ),
+)
 def learning_curve(
     params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
 ) -> None:
-    """svm vs top vs full on few-shot Fashion-MNIST subsets (params: learning_curve).
+    """svm vs top vs full on few-shot Fashion-MNIST subsets: which method wins at which
+    training-set size.
 
-    Writes <out_dir>/runs.csv, summary.md and curve.png and logs to MLflow.
+    Reads: the Fashion-MNIST IDX files in learning_curve.idx_dir; params: learning_curve,
+    features, svm, top, full. A bar counts the (seed, N) points; the trainers show their own.
 
-    Example: transferlab experiment learning-curve --params params.yaml
+    Writes: learning_curve.out_dir/runs.csv (every run), summary.md (the table and the command),
+    curve.png; an MLflow run per method.
     """
+    loaded = _setup(params, verbose, quiet)
     from transferlab.experiments.learning_curve import learning_curve_experiment
+    from transferlab.progress import logs_above_bars
 
-    result = learning_curve_experiment(_setup(params, verbose, quiet), Path.cwd())
+    with logs_above_bars():
+        result = learning_curve_experiment(loaded, Path.cwd())
     if not quiet:
         out.print_json(data={k: v for k, v in result.items() if k != "summary"})
         out.print(Path(result["table"]).read_text())
 
 
 demo_app = typer.Typer(
-    help="Small demonstrations on the public ImageNet model.", no_args_is_help=True
+    help="Small demonstrations on the public ImageNet model.",
+    epilog=_examples("transferlab demo fgsm photo.jpg"),
+    no_args_is_help=True,
 )
 app.add_typer(demo_app, name="demo")
 
 
-@demo_app.command("fgsm")
+@demo_app.command(
+    "fgsm",
+    epilog=_examples(
+        "transferlab demo fgsm photo.jpg",
+        "transferlab demo fgsm photo.jpg --eps 4/255 --target 1 --out goldfish.png",
+    ),
+)
 def demo_fgsm(
     image: Annotated[Path, typer.Argument(help="an image file (jpg, png...)", exists=True)],
     eps: Annotated[str, typer.Option(help="L-inf budget in pixel space, e.g. 2/255")] = "2/255",
@@ -183,7 +334,9 @@ def demo_fgsm(
 ) -> None:
     """What the ImageNet model predicts for IMAGE before and after FGSM, as text and a PNG.
 
-    Example: transferlab demo fgsm coffee.png --eps 2/255
+    Reads: IMAGE and the backbone's packaged ImageNet weights (no params file).
+
+    Writes: the PNG given by --out (the image, the perturbation and the adversarial image).
     """
     from transferlab.config import parse_eps
     from transferlab.demo import fgsm_demo
@@ -202,21 +355,34 @@ def demo_fgsm(
     out.print(f"top-1 {verdict}; picture: {result['png']}", highlight=False)
 
 
-@app.command()
+@app.command(
+    epilog=_examples(
+        "transferlab run",
+        "transferlab run --params params.yaml --quiet",
+        "PREFECT_API_URL=http://127.0.0.1:4200/api transferlab run",
+    )
+)
 def run(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False):
     """Run the whole pipeline as a Prefect flow (ephemeral mode: no server needed).
 
     Stages whose inputs and params did not change are skipped (Prefect result cache).
 
-    Example: transferlab run --params params.yaml
+    Reads: params.yaml and the dataset data.source names.
+
+    Writes: what every stage writes (data/, features/, models/, metrics/, plots/, reports/; see
+    `transferlab STAGE --help`), the MLflow runs, and Prefect's results; prints the results
+    table.
     """
     from transferlab.tracking import check_tracking_store
 
     # before Prefect even starts: a dead tracking server should cost seconds, not a whole run
-    check_tracking_store(_setup(params, verbose, quiet), Path.cwd())
+    loaded = _setup(params, verbose, quiet)
+    check_tracking_store(loaded, Path.cwd())
     from flows.pipeline import pipeline  # the orchestration layer; the library never imports it
+    from transferlab.progress import logs_above_bars
 
-    result = pipeline(params_path=str(params), workdir=str(Path.cwd()))
+    with logs_above_bars():
+        result = pipeline(params_path=str(params), workdir=str(Path.cwd()))
     print_results(result["report"])
 
 
@@ -225,10 +391,12 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: 
 cache_app = typer.Typer(
     help=(
         "Inspect and maintain the feature cache (features.cache_dir in params.yaml, or "
-        "--cache-dir). A team can share one cache folder on a network disk.\n\n"
-        "  transferlab cache info              # size, entries per key space, last hit rate\n\n"
-        "  transferlab cache verify --repair   # check every shard's digest, drop corrupt ones\n\n"
-        "  transferlab cache gc -m other/data/manifest.csv   # drop unreferenced entries"
+        "--cache-dir). A team can share one cache folder on a network disk."
+    ),
+    epilog=_examples(
+        "transferlab cache info                # size, entries, last hit rate",
+        "transferlab cache verify --repair     # drop corrupt shards",
+        "transferlab cache gc -m ../b/data/manifest.csv   # keep b's images too",
     ),
     no_args_is_help=True,
 )
@@ -254,20 +422,31 @@ def _setup_logging_only(verbose: bool, quiet: bool) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
-@cache_app.command("info")
+@cache_app.command(
+    "info",
+    epilog=_examples("transferlab cache info", "transferlab cache info --cache-dir /shared/cache"),
+)
 def cache_info(
     params: ParamsOpt = DEFAULT_PARAMS,
     cache_dir: CacheDirOpt = None,
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Size, shards and entries per key space, and the hit rate of the last run."""
+    """Size, shards and entries per key space, and the hit rate of the last run.
+
+    Reads: the cache folder.
+
+    Writes: nothing; prints JSON.
+    """
     from transferlab import cache
 
     out.print_json(data=cache.info(_cache_root(params, cache_dir, verbose, quiet)))
 
 
-@cache_app.command("verify")
+@cache_app.command(
+    "verify",
+    epilog=_examples("transferlab cache verify", "transferlab cache verify --repair"),
+)
 def cache_verify(
     params: ParamsOpt = DEFAULT_PARAMS,
     cache_dir: CacheDirOpt = None,
@@ -279,7 +458,10 @@ def cache_verify(
 ) -> None:
     """Check every shard's sha256 against its name; exit 1 if any is corrupt (and not repaired).
 
-    Example: transferlab cache verify --repair
+    Reads: every shard of the cache folder.
+
+    Writes: with --repair, deletes the corrupt shards (their images are extracted again on the
+    next `transferlab features`); prints JSON.
     """
     from transferlab import cache
 
@@ -289,7 +471,13 @@ def cache_verify(
         raise typer.Exit(1)
 
 
-@cache_app.command("gc")
+@cache_app.command(
+    "gc",
+    epilog=_examples(
+        "transferlab cache gc --dry-run",
+        "transferlab cache gc -m ../other-project/data/manifest.csv",
+    ),
+)
 def cache_gc(
     params: ParamsOpt = DEFAULT_PARAMS,
     cache_dir: CacheDirOpt = None,
@@ -301,10 +489,13 @@ def cache_gc(
     verbose: VerboseOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Drop cache entries that no manifest references: this workspace's data/manifest.csv plus
-    every --manifest. Run it while no extraction is filling the cache.
+    """Drop cache entries that no manifest references.
 
-    Example: transferlab cache gc -m ../other-project/data/manifest.csv
+    Run it while no extraction is filling the cache.
+
+    Reads: the cache folder, this workspace's data/manifest.csv and every --manifest.
+
+    Writes: deletes the unreferenced entries (nothing with --dry-run); prints JSON.
     """
     from transferlab import cache
     from transferlab.data import read_manifest
@@ -352,7 +543,9 @@ def print_results(report: dict) -> None:
     out.print("Open the MLflow UI with: [bold]make ui[/bold]  (then http://127.0.0.1:5000)")
 
 
-@app.command()
+@app.command(
+    epilog=_examples("transferlab compare", "transferlab compare --last 10"),
+)
 def compare(
     params: ParamsOpt = DEFAULT_PARAMS,
     last: Annotated[int, typer.Option("--last", "-n", help="how many pipeline runs", min=1)] = 5,
@@ -360,7 +553,11 @@ def compare(
 ):
     """Table of the last pipeline runs from MLflow: method, accuracy, robust accuracy, time.
 
-    Robust accuracy is at attack.report_eps. Example: transferlab compare --last 10
+    Robust accuracy is at attack.report_eps.
+
+    Reads: the MLflow store (tracking.tracking_uri).
+
+    Writes: nothing.
     """
     from transferlab.tracking import recent_runs
 
@@ -371,9 +568,15 @@ def compare(
     out.print(_table(f"last {last} pipeline runs", rows))
 
 
-@app.command()
+@app.command(epilog=_examples("transferlab status"))
 def status(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False):
-    """Which stages are up to date or stale (dvc status), the feature cache, and the last runs."""
+    """Which stages are up to date or stale (dvc status), the feature cache, and the last runs.
+
+    Reads: dvc.yaml and dvc.lock (through `dvc status`), the feature cache folder, the MLflow
+    store.
+
+    Writes: nothing.
+    """
     import json as _json
     import subprocess
 
@@ -404,13 +607,18 @@ def status(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False):
     out.print(_table("last runs", rows) if rows else "no MLflow runs yet")
 
 
-@app.command()
+@app.command(epilog=_examples("transferlab ui", "transferlab ui --port 5001"))
 def ui(
     params: ParamsOpt = DEFAULT_PARAMS,
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
 ):
-    """Start the MLflow UI on this workspace's tracking store and print its URL (Ctrl-C stops)."""
+    """Start the MLflow UI on this workspace's tracking store and print its URL (Ctrl-C stops).
+
+    Reads: the MLflow store (tracking.tracking_uri, tracking.artifact_dir).
+
+    Writes: nothing; it serves http://HOST:PORT until stopped.
+    """
     import subprocess
 
     from transferlab.tracking import ui_command
@@ -418,6 +626,18 @@ def ui(
     cmd = ui_command(_setup(params, False, True), Path.cwd(), host=host, port=port)
     out.print(f"MLflow UI: [bold]http://{host}:{port}[/bold]  (Ctrl-C to stop)")
     raise typer.Exit(subprocess.call(cmd))
+
+
+def _reflow_help(group: typer.Typer) -> None:
+    """Docstrings become help through :func:`_help` (commands that pass ``help=`` keep it)."""
+    for info in group.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = _help(info.callback.__doc__)
+    for sub in group.registered_groups:
+        _reflow_help(sub.typer_instance)
+
+
+_reflow_help(app)
 
 
 def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
@@ -440,12 +660,17 @@ def main() -> None:
     except ParamsError as exc:
         err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
-    except click.exceptions.Exit as exc:
+    except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        exc.show()
+    except (click.ClickException, typer.TyperException) as exc:
+        # typer vendors its own click: its usage errors (an unknown option, a bad --eps, no
+        # command at all) derive from typer.TyperException, not from click's ClickException
+        if hasattr(exc, "show"):
+            exc.show()
+        else:
+            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         err.print("interrupted: finished outputs are kept; re-run to continue")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a CLI

@@ -1,24 +1,79 @@
+import os
 import subprocess
 import sys
 
 import pytest
+import typer
 
+from tests.conftest import REPO, tiny_params, write_workspace
 from transferlab.cli import app
 
-COMMANDS = [c.name or c.callback.__name__ for c in app.registered_commands]
+
+def _leaves(group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every runnable command, sub-commands included: ("full",), ("cache", "gc")..."""
+    out = []
+    for name, cmd in group.commands.items():
+        if hasattr(cmd, "commands"):  # a group (typer's own click, not click.Group)
+            out += _leaves(cmd, (*prefix, name))
+        else:
+            out.append((*prefix, name))
+    return out
 
 
-def cli(*args, cwd):
+CLICK_APP = typer.main.get_command(app)
+COMMANDS = _leaves(CLICK_APP)
+NO_PARAMS = {("ui",), ("demo", "fgsm")}  # ui has --params; the demo reads no params file
+
+
+def cli(*args, cwd, env=None):
     return subprocess.run(
-        [sys.executable, "-m", "transferlab.cli", *args], cwd=cwd, capture_output=True, text=True
+        [sys.executable, "-m", "transferlab.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env=env,
     )
 
 
-@pytest.mark.parametrize("command", COMMANDS)
-def test_every_command_has_help(command, tmp_path):
-    proc = cli(command, "--help", cwd=tmp_path)
+def test_the_top_level_help_has_examples(tmp_path):
+    proc = cli("--help", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "--params" in proc.stdout or command == "ui"
+    assert "Examples:" in proc.stdout and "transferlab run" in proc.stdout
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=" ".join)
+def test_every_command_has_help_with_an_example(command, tmp_path):
+    proc = cli(*command, "--help", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "--params" in proc.stdout or command in NO_PARAMS
+    examples = proc.stdout.split("Examples:", 1)
+    assert len(examples) == 2, f"no Examples: in `{' '.join(command)} --help`"
+    invocation = "transferlab " + " ".join(command)
+    assert any(line.strip().startswith(invocation) for line in examples[1].splitlines())
+    assert "Reads:" in proc.stdout and "Writes:" in proc.stdout
+
+
+def test_usage_errors_exit_2_with_clicks_message(tmp_path):
+    proc = cli("full", "--no-such-option", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "No such option" in proc.stderr and "error: NoSuchOption" not in proc.stderr
+    proc = cli(cwd=tmp_path)  # no command: the help, not an error line
+    assert proc.returncode == 2 and "Usage" in proc.stdout
+    assert "error:" not in proc.stderr
+
+
+def test_stage_help_names_what_the_stage_reads_and_writes():
+    from transferlab.stages import STAGES
+
+    for name, stage in STAGES.items():
+        text = CLICK_APP.commands[name].help
+        reads, writes = text.split("Writes:")
+        for path in stage.deps:
+            assert path.rstrip("/") in reads, f"{name} --help does not say it reads {path}"
+        for path in (*stage.outs, *stage.metrics, *stage.plots):
+            assert path.rstrip("/") in writes, f"{name} --help does not say it writes {path}"
+        for section in stage.params:
+            assert section in reads.split("params:")[-1], f"{name}: params {section}"
 
 
 @pytest.mark.slow
@@ -86,3 +141,31 @@ def test_quiet_mode_has_no_progress_bars(pipeline_workspace, tmp_path):
     assert "img/s" in out["loud"].stderr and "INFO" in out["loud"].stderr
     assert "img/s" not in out["quiet"].stderr and "INFO" not in out["quiet"].stderr
     assert out["quiet"].stdout == ""
+
+
+@pytest.mark.slow
+def test_full_shows_rates_and_training_accuracy_and_quiet_hides_them(tmp_path, tiny_dataset):
+    """A stage's bars on stderr: epochs, img/s with the running loss and accuracy; none with -q."""
+    from transferlab.config import load_params
+    from transferlab.stages import STAGES
+
+    params = tiny_params(
+        tiny_dataset,
+        split={"val": 0.2},
+        features={"pretrained": "none"},  # a random-weight backbone: the bars, not the accuracy
+        full={"epochs": 2, "image_size": 32, "batch_size": 6, "augment": False},
+    )
+    ws = write_workspace(tmp_path / "ws", params)
+    for stage in ("pull", "split"):
+        STAGES[stage].run(load_params(ws / "params.yaml"), ws)
+    # every update printed, so the test does not depend on how fast the batches run
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}
+    loud = cli("full", cwd=ws, env=env)
+    assert loud.returncode == 0, loud.stderr
+    for shown in ("img/s", "epoch", "full epoch 1/2", "loss=", "acc=", "val_acc="):
+        assert shown in loud.stderr, shown
+    assert "INFO" in loud.stderr and "train acc" in loud.stderr  # the per-epoch log line
+    quiet = cli("full", "--quiet", cwd=ws, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "img/s" not in quiet.stderr and "full epoch" not in quiet.stderr
+    assert quiet.stdout == ""

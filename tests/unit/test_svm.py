@@ -32,3 +32,22 @@ def test_binary_svm_becomes_two_logits_with_the_same_argmax():
     with torch.no_grad():
         pred = linear(torch.from_numpy(x)).argmax(1).numpy()
     np.testing.assert_array_equal(pred, fit.pipeline.predict(x))
+
+
+def test_cv_loop_picks_what_grid_search_picks():
+    """fit_svm writes GridSearchCV out (to count the fits on a bar): same scores, C, weights."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    x, y = _blobs(3, seed=5)
+    grid = (0.001, 0.01, 0.1, 1.0)
+    fit = fit_svm(x, y, C_grid=grid, cv=3, class_weight="balanced", seed=7)
+    search = GridSearchCV(
+        fit.pipeline,
+        {"svc__C": list(grid)},
+        cv=StratifiedKFold(3, shuffle=True, random_state=7),
+    ).fit(x, y)
+    assert fit.best_C == search.best_params_["svc__C"]
+    assert list(fit.grid_scores.values()) == search.cv_results_["mean_test_score"].tolist()
+    np.testing.assert_array_equal(
+        fit.pipeline.named_steps["svc"].coef_, search.best_estimator_.named_steps["svc"].coef_
+    )

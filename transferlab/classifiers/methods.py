@@ -23,24 +23,29 @@ PARTS = ("train", "val", "test")
 def _images(params: Params, root: Path, classes: list[str], spec) -> dict[str, torch.Tensor]:
     """Images (N, 3, S, S) in [0, 1] and labels per split, at ``spec``'s input size."""
     from transferlab.features import load_images
+    from transferlab.progress import progress
     from transferlab.stages import _split_rows
 
     rows = _split_rows(root)
     out: dict[str, torch.Tensor] = {}
-    for part in PARTS:
-        chosen = [r for r in rows if r["split"] == part]
-        out[f"x_{part}"] = (
-            load_images(
-                [root / "data" / r["path"] for r in chosen],
-                spec,
-                background=params.data.background,
+    # decoding hundreds of photos takes seconds: in chunks, so a bar can count them
+    chunk = 32
+    total = sum(r["split"] in PARTS for r in rows)
+    with progress(desc="decoding images", unit="img", total=total) as bar:
+        for part in PARTS:
+            paths = [root / "data" / r["path"] for r in rows if r["split"] == part]
+            parts = []
+            for i in range(0, len(paths), chunk):
+                parts.append(
+                    load_images(paths[i : i + chunk], spec, background=params.data.background)
+                )
+                bar.update(len(parts[-1]))
+            out[f"x_{part}"] = (
+                torch.cat(parts) if parts else torch.empty(0, 3, spec.input_size, spec.input_size)
             )
-            if chosen
-            else torch.empty(0, 3, spec.input_size, spec.input_size)
-        )
-        out[f"y_{part}"] = torch.tensor(
-            [classes.index(r["label"]) for r in chosen], dtype=torch.long
-        )
+            out[f"y_{part}"] = torch.tensor(
+                [classes.index(r["label"]) for r in rows if r["split"] == part], dtype=torch.long
+            )
     return out
 
 
@@ -145,7 +150,7 @@ def run_full(params: Params, root: Path) -> dict:
         fingerprint=_fingerprint(params, root),
     )
     clf = Classifier(res.backbone, res.head, classes, "full").eval().cpu()
-    preds = {p: predict(clf, imgs[f"x_{p}"], batch_size=32) for p in PARTS}
+    preds = {p: predict(clf, imgs[f"x_{p}"], batch_size=32, desc=f"full {p} set") for p in PARTS}
     metrics = split_metrics(preds, {p: imgs[f"y_{p}"].numpy() for p in PARTS}, classes)
     metrics.update(
         {

@@ -12,11 +12,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from sklearn.model_selection import GridSearchCV, StratifiedKFold
+from sklearn.base import clone
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 from torch import nn
+
+from transferlab.progress import progress
 
 
 @dataclass
@@ -39,6 +42,10 @@ def fit_svm(
 ) -> SvmFit:
     """Standardise, then pick ``C`` by stratified CV and refit on all of ``x``.
 
+    What ``GridSearchCV(refit=True)`` does with the default accuracy score (same folds, same
+    choice: the first C with the highest mean fold accuracy), written out so that a bar can count
+    the fits: with a few hundred images of 1280 features they take seconds to tens of seconds.
+
     Args:
         x: (N, D) float features. y: (N,) int labels.
     """
@@ -58,25 +65,24 @@ def fit_svm(
     if folds < 2 or len(C_grid) == 1:
         pipe.set_params(svc__C=C_grid[0]).fit(x, y)
         return SvmFit(pipe, C_grid[0], {}, time.perf_counter() - start)
-    search = GridSearchCV(
-        pipe,
-        {"svc__C": list(C_grid)},
-        cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-        refit=True,
-    )
-    search.fit(x, y)
-    scores = {
-        float(c): float(s)
-        for c, s in zip(
-            search.cv_results_["param_svc__C"], search.cv_results_["mean_test_score"], strict=True
-        )
-    }
-    return SvmFit(
-        search.best_estimator_,
-        float(search.best_params_["svc__C"]),
-        scores,
-        time.perf_counter() - start,
-    )
+    splits = list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x, y))
+    means = []
+    with progress(
+        desc=f"svm: C by {folds}-fold CV", unit="fit", total=len(C_grid) * folds + 1
+    ) as bar:
+        for c in C_grid:
+            fold_scores = []
+            for train, test in splits:
+                model = clone(pipe).set_params(svc__C=c).fit(x[train], y[train])
+                fold_scores.append(model.score(x[test], y[test]))
+                bar.update()
+            means.append(float(np.mean(fold_scores)))
+            bar.set_postfix(best_cv_acc=f"{max(means):.3f}", refresh=False)
+        best_C = C_grid[int(np.argmax(means))]  # the first of equal scores, as GridSearchCV
+        best = clone(pipe).set_params(svc__C=best_C).fit(x, y)
+        bar.update()
+    scores = {float(c): m for c, m in zip(C_grid, means, strict=True)}
+    return SvmFit(best, float(best_C), scores, time.perf_counter() - start)
 
 
 def svm_to_linear(pipe: Pipeline) -> nn.Linear:

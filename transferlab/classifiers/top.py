@@ -5,6 +5,9 @@ BatchNorm uses (and never updates) its ImageNet statistics. Without augmentation
 sees the same features, so the head trains on the cached features (``features/features.npz``)
 and gets the same result as training through the backbone, orders of magnitude faster. With
 augmentation each batch goes through the backbone.
+
+Progress: an epoch bar with the train loss and accuracy and the val accuracy; through the
+backbone, also a batch bar in img/s.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from transferlab.backbones import Backbone
 from transferlab.classifiers.training import (
@@ -28,6 +30,7 @@ from transferlab.classifiers.training import (
     predict,
 )
 from transferlab.config import TopParams
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -109,19 +112,34 @@ def train_top(
     best_state, best_acc, best_epoch, stale = copy.deepcopy(head.state_dict()), -1.0, 0, 0
     history: list[dict] = []
     start = time.perf_counter()
-    for epoch in tqdm(range(params.epochs), desc="top", unit="epoch", leave=False):
+    bar = progress(range(params.epochs), desc="top", unit="epoch")
+    for epoch in bar:
         head.train()
         perm = torch.randperm(len(y_train), generator=order)
         total_loss, correct = 0.0, 0
-        for i in range(0, len(perm), params.batch_size):
-            idx = perm[i : i + params.batch_size]
-            logits = head(feats(x_train[idx], True))
-            loss = loss_fn(logits, y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total_loss += float(loss.detach()) * len(idx)
-            correct += int((logits.argmax(1) == y_train[idx]).sum())
+        # on cached features an epoch takes milliseconds: a batch bar only through the backbone
+        batches = progress(
+            desc=f"top epoch {epoch + 1}/{params.epochs}",
+            unit="img",
+            total=len(y_train),
+            disable=not through_backbone,
+        )
+        with batches:
+            for i in range(0, len(perm), params.batch_size):
+                idx = perm[i : i + params.batch_size]
+                logits = head(feats(x_train[idx], True))
+                loss = loss_fn(logits, y_train[idx])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                total_loss += float(loss.detach()) * len(idx)
+                correct += int((logits.argmax(1) == y_train[idx]).sum())
+                batches.set_postfix(
+                    loss=f"{total_loss / (i + len(idx)):.4f}",
+                    acc=f"{correct / (i + len(idx)):.3f}",
+                    refresh=False,
+                )
+                batches.update(len(idx))
         head.eval()
         val_acc = None
         if has_val:
@@ -136,6 +154,11 @@ def train_top(
                 "val_acc": val_acc,
             }
         )
+        bar.set_postfix(
+            loss=f"{history[-1]['train_loss']:.4f}",
+            acc=f"{history[-1]['train_acc']:.3f}",
+            **({"val_acc": f"{val_acc:.3f}"} if has_val else {}),
+        )
         if not has_val or val_acc > best_acc:
             best_state, best_acc, best_epoch, stale = (
                 copy.deepcopy(head.state_dict()),
@@ -148,5 +171,13 @@ def train_top(
             if stale >= params.patience:
                 log.info("top: early stop at epoch %d (best %d)", epoch, best_epoch)
                 break
+    bar.close()
+    log.info(
+        "top: %d epochs, best %d: train acc %.3f, val acc %s",
+        len(history),
+        best_epoch,
+        history[best_epoch]["train_acc"],
+        "-" if history[best_epoch]["val_acc"] is None else f"{history[best_epoch]['val_acc']:.3f}",
+    )
     head.load_state_dict(best_state)
     return TrainResult(head.eval(), history, best_epoch, time.perf_counter() - start)

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 
 from transferlab.backbone_specs import BackboneSpec
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -136,16 +137,29 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
 
 
+def use_channels_last(device: torch.device) -> bool:
+    """Train convolutions in channels_last on CPUs: the same arithmetic, and Lite0's training
+    step runs about 1.6x faster than in NCHW there (oneDNN; measured at 32-128 px, fp32).
+    CUDA keeps the default layout: not measured on a GPU."""
+    return device.type == "cpu"
+
+
 @torch.no_grad()
-def predict(fn, x: Tensor, *, batch_size: int = 64) -> np.ndarray:
-    """Argmax predictions of ``fn`` over ``x`` in batches; returns (N,) int64."""
+def predict(fn, x: Tensor, *, batch_size: int = 64, desc: str | None = None) -> np.ndarray:
+    """Argmax predictions of ``fn`` over ``x`` in batches; returns (N,) int64.
+
+    Args:
+        fn: (B, ...) -> (B, K) scores. x: (N, ...) inputs.
+        desc: show an img/s progress bar with this label (for passes through a backbone).
+    """
     if len(x) == 0:
         return np.zeros(0, dtype=np.int64)
-    return (
-        torch.cat([fn(x[i : i + batch_size]).argmax(1) for i in range(0, len(x), batch_size)])
-        .cpu()
-        .numpy()
-    )
+    out = []
+    with progress(desc=desc or "", unit="img", total=len(x), disable=desc is None) as bar:
+        for i in range(0, len(x), batch_size):
+            out.append(fn(x[i : i + batch_size]).argmax(1))
+            bar.update(len(out[-1]))
+    return torch.cat(out).cpu().numpy()
 
 
 def accuracy(pred: np.ndarray, y: np.ndarray | Tensor) -> float | None:

@@ -19,9 +19,8 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from tqdm import tqdm
-
 from transferlab.data.sources import DataSourceError
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +120,12 @@ def _fetch(url: str, part: Path, timeout: float) -> None:
         mode = "ab" if have else "wb"
         with (
             open(part, mode) as f,
-            tqdm(
+            progress(
                 total=total,
                 initial=have,
                 unit="B",
                 unit_scale=True,
                 desc=f"downloading {PurePosixPath(url).name}",
-                disable=None,
-                leave=False,
             ) as bar,
         ):
             got = 0

@@ -13,7 +13,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
-from tqdm import tqdm
+
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +113,7 @@ def write_pngs(
     """
     written: list[tuple[Path, str, PurePosixPath]] = []
     width = len(str(len(images)))
-    for i in tqdm(range(len(images)), desc=f"writing {prefix} PNGs", disable=None, leave=False):
+    for i in progress(range(len(images)), desc=f"writing {prefix} PNGs", unit="img"):
         label = names[int(labels[i])]
         if per_class is not None and counts.get(label, 0) >= per_class:
             continue

@@ -25,12 +25,11 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from transferlab.config import DataParams, FolderSource
 from transferlab.data.images import ImageRejected, decode_rgb
 from transferlab.data.manifest import MANIFEST_COLUMNS, write_csv_atomic
 from transferlab.data.sources import IMAGE_EXTENSIONS, DataSourceError, SourceFile, list_source
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +117,7 @@ def _run_checks(jobs: Sequence[_Job], workers: int | None) -> Iterator[_Checked]
     """Results of :func:`_check` in job order, across processes when it pays off."""
     if workers is None:
         workers = _auto_workers(jobs)
-    bar = tqdm(total=len(jobs), desc="checking images", unit="img", disable=None, leave=False)
+    bar = progress(total=len(jobs), desc="checking images", unit="img")
     with bar:
         if workers <= 1:
             for job in jobs:

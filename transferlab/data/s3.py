@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
-from tqdm import tqdm
-
 from transferlab.config import S3Source
 from transferlab.data.sources import IMAGE_EXTENSIONS, DataSourceError, _is_junk
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +190,7 @@ def sync_prefix(source: S3Source, *, client=None) -> SyncResult:
             continue
         todo.append(o)
     lock = threading.Lock()
-    bar = tqdm(total=len(todo), desc="downloading from S3", unit="obj", disable=None, leave=False)
+    bar = progress(total=len(todo), desc="downloading from S3", unit="obj")
 
     def fetch(o: S3Object) -> None:
         local = root / o.label / o.rel

@@ -7,9 +7,9 @@ import logging
 from pathlib import Path, PurePosixPath
 
 import numpy as np
-from tqdm import tqdm
 
 from transferlab.data.sources import DataSourceError
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +84,7 @@ def write_dataset_pngs(
     counts: dict[int, int] = {}
     written: list[tuple[Path, str, PurePosixPath]] = []
     width = len(str(len(ds)))
-    for i in tqdm(range(len(ds)), desc=f"writing {prefix} PNGs", disable=None, leave=False):
+    for i in progress(range(len(ds)), desc=f"writing {prefix} PNGs", unit="img"):
         if (
             targets is not None
             and per_class is not None

@@ -4,6 +4,9 @@ All three methods (svm, top, full) train on the same few-shot subsets (N images 
 per seed from a fixed pool) and are scored on one held-out test set. Fashion-MNIST comes from
 Debian's ``dataset-fashion-mnist`` IDX files, read here with numpy + gzip; the 28 px grey images
 are upscaled to ``image_size`` and repeated to 3 channels, the same input for every method.
+
+Progress: a features bar (img/s), then a bar over the (seed, N) points whose postfix shows the
+last point's test accuracy per method, over the trainers' own bars.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from transferlab.config import FullParams, LearningCurveParams, Params, SvmParams, TopParams
+from transferlab.progress import progress
 from transferlab.report import save_figure
 
 log = logging.getLogger(__name__)
@@ -72,11 +76,13 @@ def per_class_indices(y: np.ndarray, n: int, rng: np.random.Generator) -> np.nda
     return np.sort(np.concatenate(out))
 
 
-def _features(backbone, x: torch.Tensor, batch: int = 128) -> np.ndarray:
-    with torch.inference_mode():
-        return np.concatenate(
-            [backbone.features(x[i : i + batch]).numpy() for i in range(0, len(x), batch)]
-        )
+def _features(backbone, x: torch.Tensor, batch: int = 128, *, desc: str) -> np.ndarray:
+    out = []
+    with torch.inference_mode(), progress(desc=desc, unit="img", total=len(x)) as bar:
+        for i in range(0, len(x), batch):
+            out.append(backbone.features(x[i : i + batch]).numpy())
+            bar.update(len(out[-1]))
+    return np.concatenate(out)
 
 
 def run_learning_curve(
@@ -109,7 +115,8 @@ def run_learning_curve(
     x_test, y_test = to_rgb(x_t[test_idx], lc.image_size), y_t[test_idx]
     frozen = load_backbone(backbone_name, pretrained)
     t0 = time.perf_counter()
-    f_pool, f_test = _features(frozen, x_pool), _features(frozen, x_test)
+    f_pool = _features(frozen, x_pool, desc="learning curve: pool features")
+    f_test = _features(frozen, x_test, desc="learning curve: test features")
     log.info(
         "learning curve: features for %d images in %.1f s",
         len(x_pool) + len(x_test),
@@ -117,89 +124,88 @@ def run_learning_curve(
     )
     rows: list[dict] = []
     n_classes = len(FASHION_CLASSES)
-    for seed in lc.seeds:
-        for n in lc.n_per_class:
-            sub = per_class_indices(y_pool, n, np.random.default_rng(1000 * seed + n))
-            ytr = y_pool[sub]
-            base = {"n_per_class": n, "seed": seed, "n_train": int(len(sub))}
+    points = [(seed, n) for seed in lc.seeds for n in lc.n_per_class]
+    bar = progress(points, desc="learning curve", unit="point", leave=True)
+    for seed, n in bar:
+        bar.set_description(f"learning curve: N={n}/class, seed {seed}")
+        sub = per_class_indices(y_pool, n, np.random.default_rng(1000 * seed + n))
+        ytr = y_pool[sub]
+        base = {"n_per_class": n, "seed": seed, "n_train": int(len(sub))}
 
-            t = time.perf_counter()
-            fit = fit_svm(
-                f_pool[sub],
-                ytr,
-                C_grid=svm.C,
-                cv=svm.cv,
-                class_weight=svm.class_weight,
-                max_iter=svm.max_iter,
-                seed=seed,
-            )
-            rows.append(
-                {
-                    **base,
-                    "method": "svm",
-                    "seconds": time.perf_counter() - t,
-                    "train_acc": accuracy(fit.pipeline.predict(f_pool[sub]), ytr),
-                    "test_acc": accuracy(fit.pipeline.predict(f_test), y_test),
-                }
-            )
+        t = time.perf_counter()
+        fit = fit_svm(
+            f_pool[sub],
+            ytr,
+            C_grid=svm.C,
+            cv=svm.cv,
+            class_weight=svm.class_weight,
+            max_iter=svm.max_iter,
+            seed=seed,
+        )
+        rows.append(
+            {
+                **base,
+                "method": "svm",
+                "seconds": time.perf_counter() - t,
+                "train_acc": accuracy(fit.pipeline.predict(f_pool[sub]), ytr),
+                "test_acc": accuracy(fit.pipeline.predict(f_test), y_test),
+            }
+        )
 
-            tp = top.model_copy(update={"epochs": lc.top_epochs, "seed": seed, "augment": False})
-            res = train_top(
-                n_classes=n_classes,
-                params=tp,
-                x_train=torch.from_numpy(f_pool[sub]),
-                y_train=torch.from_numpy(ytr),
-            )
-            ft = torch.from_numpy(f_test)
-            rows.append(
-                {
-                    **base,
-                    "method": "top",
-                    "seconds": res.seconds,
-                    "train_acc": res.history[-1]["train_acc"],
-                    "test_acc": accuracy(predict(res.head, ft), y_test),
-                }
-            )
+        tp = top.model_copy(update={"epochs": lc.top_epochs, "seed": seed, "augment": False})
+        res = train_top(
+            n_classes=n_classes,
+            params=tp,
+            x_train=torch.from_numpy(f_pool[sub]),
+            y_train=torch.from_numpy(ytr),
+        )
+        ft = torch.from_numpy(f_test)
+        rows.append(
+            {
+                **base,
+                "method": "top",
+                "seconds": res.seconds,
+                "train_acc": res.history[-1]["train_acc"],
+                "test_acc": accuracy(predict(res.head, ft), y_test),
+            }
+        )
 
-            steps = math.ceil(len(sub) / lc.full_batch_size)
-            epochs = max(lc.full_epochs, math.ceil(lc.full_min_steps / steps))
-            fp = full.model_copy(
-                update={
-                    "epochs": epochs,
-                    "batch_size": lc.full_batch_size,
-                    "seed": seed,
-                    "resume": False,
-                    "image_size": lc.image_size,
-                }
-            )
-            bb = load_backbone(backbone_name, pretrained)
-            r = train_full(
-                backbone=bb,
-                n_classes=n_classes,
-                params=fp,
-                x_train=x_pool[sub],
-                y_train=torch.from_numpy(ytr),
-            )
+        steps = math.ceil(len(sub) / lc.full_batch_size)
+        epochs = max(lc.full_epochs, math.ceil(lc.full_min_steps / steps))
+        fp = full.model_copy(
+            update={
+                "epochs": epochs,
+                "batch_size": lc.full_batch_size,
+                "seed": seed,
+                "resume": False,
+                "image_size": lc.image_size,
+            }
+        )
+        bb = load_backbone(backbone_name, pretrained)
+        r = train_full(
+            backbone=bb,
+            n_classes=n_classes,
+            params=fp,
+            x_train=x_pool[sub],
+            y_train=torch.from_numpy(ytr),
+        )
 
-            def model(x, bb=bb, head=r.head):
-                return head(bb.features(x))
+        def model(x, bb=bb, head=r.head):
+            return head(bb.features(x))
 
-            rows.append(
-                {
-                    **base,
-                    "method": "full",
-                    "seconds": r.seconds,
-                    "train_acc": r.history[-1]["train_acc"],
-                    "test_acc": accuracy(predict(model, x_test, batch_size=128), y_test),
-                    "epochs": epochs,
-                }
-            )
-            log.info(
-                "N=%d seed=%d: %s",
-                n,
-                seed,
-                {r_["method"]: round(r_["test_acc"], 3) for r_ in rows[-3:]},
-            )
+        rows.append(
+            {
+                **base,
+                "method": "full",
+                "seconds": r.seconds,
+                "train_acc": r.history[-1]["train_acc"],
+                "test_acc": accuracy(predict(model, x_test, batch_size=128), y_test),
+                "epochs": epochs,
+            }
+        )
+        last = {r_["method"]: round(r_["test_acc"], 3) for r_ in rows[-3:]}
+        bar.set_postfix(last)
+        log.info("N=%d seed=%d: %s", n, seed, last)
     return rows
 
 
