@@ -10,10 +10,10 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from transferlab.atomic import atomic_write
 from transferlab.attacks import BLACKBOX_ATTACKS, Attack, make_attack
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def robustness_sweep(
     rows = []
     total = len(attacks) * len(eps) * ((len(x01) + batch_size - 1) // batch_size)
     reused = 0
-    with tqdm(total=total, unit="batch", desc="attack") as bar:
+    with progress(total=total, unit="batch", desc="attack") as bar:
         for name in attacks:
             is_targeted = name in targeted
             for e in eps:

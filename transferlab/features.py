@@ -22,7 +22,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
 from transferlab.atomic import atomic_write
 from transferlab.backbones import (
@@ -34,6 +33,7 @@ from transferlab.backbones import (
 )
 from transferlab.cache import FeatureCache, atomic_write_json, record_run
 from transferlab.data import open_rgb
+from transferlab.progress import progress
 
 __all__ = [
     "ExtractStats",
@@ -290,7 +290,7 @@ def _extract(
     with (
         torch.inference_mode(),
         torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
-        tqdm(total=len(paths), unit="img", desc=f"features {backbone.name} {precision}") as bar,
+        progress(total=len(paths), unit="img", desc=f"features {backbone.name} {precision}") as bar,
     ):
         for x in loader:
             x = x.to(device, non_blocking=on_gpu).contiguous(memory_format=torch.channels_last)
