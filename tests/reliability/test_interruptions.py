@@ -121,7 +121,7 @@ def test_interrupted_features_resume(case, sig, workspace_copy, pipeline_workspa
 
 # ------------------------------------------------------------------ full fine-tuning
 
-FULL_EPOCHS = 4
+FULL_EPOCHS = 3
 CHECKPOINT = ".transferlab/checkpoints/full.pt"
 
 
