@@ -6,6 +6,7 @@ import hashlib
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,39 @@ def cli(*args: str, cwd: Path, env: dict | None = None, timeout: float = 300):
         env=env,
         timeout=timeout,
     )
+
+
+def start_stage(stage: str, ws: Path, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """``transferlab <stage>`` in the background, its stderr (the logs) going to ``log``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "transferlab.cli", stage],
+        cwd=ws,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115 - the child owns it
+        env=env,
+    )
+
+
+def signal_and_wait(proc: subprocess.Popen, sig: int, log: Path, timeout: float = 180.0) -> int:
+    """Send ``sig`` and wait for the exit code. The bound only catches a hang: leaving the
+    interpreter of a large heap takes seconds, and much longer on a loaded machine."""
+    proc.send_signal(sig)
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(
+            f"still running {timeout:.0f} s after signal {sig}:\n{log.read_text()[-3000:]}"
+        ) from None
+
+
+def wait_for(predicate, timeout: float = 240.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError("the condition never came")
+        time.sleep(0.05)
 
 
 def error_lines(stderr: str) -> list[str]:
