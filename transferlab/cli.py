@@ -646,6 +646,17 @@ def _terminate(signum, frame):  # noqa: ARG001 - signal handler signature
     raise KeyboardInterrupt(f"stopped by signal {signum}")
 
 
+def _interrupted(exc: BaseException) -> bool:
+    """Whether a KeyboardInterrupt (Ctrl-C or our SIGTERM) is anywhere in the cause chain."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 def main() -> None:
     """Console entry point: one clear line per error, tracebacks only with --verbose."""
     signal.signal(signal.SIGTERM, _terminate)
@@ -674,6 +685,11 @@ def main() -> None:
         err.print("interrupted: finished outputs are kept; re-run to continue")
         sys.exit(130)
     except Exception as exc:  # noqa: BLE001 - the last line of defence for a CLI
+        if _interrupted(exc):
+            # A signal that landed inside an import or a library call can come back wrapped
+            # (e.g. a RuntimeError whose cause is our KeyboardInterrupt): still an interruption.
+            err.print("interrupted: finished outputs are kept; re-run to continue")
+            sys.exit(130)
         if _verbose:
             err.print_exception()
         err.print(

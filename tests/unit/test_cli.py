@@ -169,3 +169,18 @@ def test_full_shows_rates_and_training_accuracy_and_quiet_hides_them(tmp_path, t
     assert quiet.returncode == 0, quiet.stderr
     assert "img/s" not in quiet.stderr and "full epoch" not in quiet.stderr
     assert quiet.stdout == ""
+
+
+def test_an_interrupt_wrapped_by_a_library_is_still_an_interruption():
+    # A SIGTERM that lands inside an import or a library call can surface as, say, a
+    # RuntimeError raised from our KeyboardInterrupt: it must exit 130, not 1.
+    from transferlab.cli import _interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt("stopped by signal 15")
+        except KeyboardInterrupt as inner:
+            raise RuntimeError("import failed") from inner
+    except RuntimeError as wrapped:
+        assert _interrupted(wrapped)
+    assert not _interrupted(RuntimeError("a plain failure"))
