@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from transferlab.atomic import atomic_write
 from transferlab.backbones import Backbone, load_backbone
+from transferlab.data import file_sha256
 
 
 class Classifier(nn.Module):
@@ -64,12 +65,15 @@ def save_classifier(clf: Classifier, folder: Path, *, pretrained: str, extra: di
         "backbone_weights": clf.method == "full",
         **(extra or {}),
     }
-    with atomic_write(folder / "head.pt") as f:
-        torch.save(head.state_dict(), f)
+    files = {"head.pt": head.state_dict()}
     if meta["backbone_weights"]:
-        with atomic_write(folder / "backbone.pt") as f:
-            torch.save(clf.backbone.state_dict(), f)
-    # meta.json last: a reader that finds it finds the weights it names
+        files["backbone.pt"] = clf.backbone.state_dict()
+    for name, state in files.items():
+        with atomic_write(folder / name) as f:
+            torch.save(state, f)
+    # meta.json last, with the digest of each weights file: a kill between the renames leaves
+    # new weights beside an old meta.json, which load_classifier then refuses instead of mixing.
+    meta["files"] = {name: file_sha256(folder / name) for name in files}
     with atomic_write(folder / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
 
@@ -79,6 +83,12 @@ def load_classifier(folder: Path) -> Classifier:
     from transferlab.classifiers.training import head_from_spec, spec_at_size
 
     meta = json.loads((folder / "meta.json").read_text())
+    for name, digest in meta.get("files", {}).items():
+        if not (folder / name).is_file() or file_sha256(folder / name) != digest:
+            raise RuntimeError(
+                f"{folder / name} does not match {folder / 'meta.json'} (a save was "
+                f"interrupted); re-run the stage that writes {folder}"
+            )
     backbone = load_backbone(meta["backbone"], meta["pretrained"])
     if backbone.weights_digest != meta["weights_digest"]:
         raise RuntimeError(

@@ -160,6 +160,11 @@ def test_full_classifier_round_trips_with_its_weights_and_input_size(
     assert back.backbone.spec.input_size == 32
     with torch.no_grad():
         torch.testing.assert_close(back(x), clf(x))
+    # A save killed between its renames: new backbone weights beside the old meta.json.
+    torch.save({k: v + 1 for k, v in clf.backbone.state_dict().items()}, tmp_path / "x.pt")
+    (tmp_path / "x.pt").replace(tmp_path / "full" / "backbone.pt")
+    with pytest.raises(RuntimeError, match="interrupted"):
+        load_classifier(tmp_path / "full")
 
 
 def test_overfitting_warning(random_lite0, caplog):
