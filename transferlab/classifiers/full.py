@@ -8,7 +8,8 @@ autocast where the hardware has it, early stopping, and an atomic checkpoint eve
 killed run resumes where it stopped.
 
 Progress: an epoch bar (train loss and accuracy, val accuracy) over a batch bar (img/s and the
-running train loss and accuracy); each epoch's figures are also logged at INFO.
+running train loss and accuracy); the kept epoch's figures are logged at INFO, each epoch's at
+DEBUG.
 """
 
 from __future__ import annotations
@@ -194,8 +195,9 @@ def train_full(
             log.warning("full: %s is from other data or settings; starting afresh", checkpoint)
 
     start = time.perf_counter()
-    bar = progress(range(start_epoch, params.epochs), desc="full", unit="epoch")
-    for epoch in bar:
+    # updated by hand, so the count and the epoch's figures show together (resumed: from there)
+    bar = progress(desc="full", unit="epoch", total=params.epochs, initial=start_epoch)
+    for epoch in range(start_epoch, params.epochs):
         if stopped:
             break
         t0 = time.perf_counter()
@@ -269,8 +271,10 @@ def train_full(
             loss=f"{row['train_loss']:.4f}",
             acc=f"{train_acc:.3f}",
             **({"val_acc": f"{val_acc:.3f}"} if has_val else {}),
+            refresh=False,
         )
-        log.info(
+        bar.update()
+        log.debug(
             "full epoch %d/%d: train loss %.4f, train acc %.3f, val acc %s (%.1f s)",
             epoch + 1,
             params.epochs,
@@ -321,6 +325,17 @@ def train_full(
         if on_epoch_end is not None:
             on_epoch_end(row)
     bar.close()
+    if history:
+        kept = history[best["epoch"] - history[0]["epoch"]]
+        log.info(
+            "full: %d epochs in %.1f s, kept epoch %d: train loss %.4f, train acc %.3f, val acc %s",
+            len(history),
+            sum(h["seconds"] for h in history),
+            best["epoch"] + 1,
+            kept["train_loss"],
+            kept["train_acc"],
+            "-" if kept["val_acc"] is None else f"{kept['val_acc']:.3f}",
+        )
     if best["backbone"] is not None:
         backbone.load_state_dict(best["backbone"])
         head.load_state_dict(best["head"])
