@@ -31,6 +31,7 @@ from transferlab.classifiers.training import (
     atomic_torch_save,
     augment_batch,
     augmentation,
+    in_channels_last,
     make_head,
     make_optimizer,
     predict,
@@ -135,12 +136,15 @@ def train_full(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = use_bf16(params.precision, device)
     channels_last = use_channels_last(device)
+    # load_backbone's backbones are in channels_last already; another one is converted for the
+    # training and handed back in its own layout
+    convert = channels_last and not in_channels_last(backbone)
     torch.manual_seed(params.seed)
     head = make_head(
         params.head, backbone.feature_dim, n_classes, hidden=params.hidden, dropout=params.dropout
     )
     backbone.to(device)
-    if channels_last:  # same arithmetic, faster convolutions; the caller gets NCHW back
+    if convert:
         backbone.to(memory_format=torch.channels_last)
     head.to(device)
     for p in backbone.parameters():
@@ -339,7 +343,7 @@ def train_full(
     if best["backbone"] is not None:
         backbone.load_state_dict(best["backbone"])
         head.load_state_dict(best["head"])
-    if channels_last:
+    if convert:
         backbone.to(memory_format=torch.contiguous_format)
     n_trained = sum(p.numel() for p in backbone.parameters()) + sum(
         p.numel() for p in head.parameters()
