@@ -9,8 +9,8 @@
    off, same init and data order): the speed-up, and the accuracy difference (should be 0).
 3. full: ``train_full`` images/s divided by a bare torch loop (same model, param groups, batch,
    precision, memory layout, SGD), each timed around the whole call: goal >= 0.9. Also the
-   bare loop in the default NCHW layout, so the gain of ``train_full``'s channels_last on a
-   CPU shows on its own.
+   bare loop in NCHW, so the gain of channels_last (``load_backbone``'s layout, and
+   ``train_full``'s on a CPU) shows on its own.
 
 Each timing is the best of ``--repeats`` (the machine is shared; the best is the least noisy).
 For ``full`` the runs interleave and rotate their order every repeat, and the median of the
@@ -106,11 +106,12 @@ def bench_top(repeats: int) -> dict:
 def bare_full_loop(bb, head, x, y, params: FullParams, *, channels_last: bool = False) -> float:
     """Plain SGD over the same param groups, batch and precision; returns images/s.
 
-    ``channels_last``: the backbone and each batch in that layout, as ``train_full`` on a CPU.
+    ``channels_last``: the backbone and the batches in that layout (``train_full``'s on a CPU),
+    else in NCHW.
     """
-    if channels_last:
-        bb.to(memory_format=torch.channels_last)
-        x = x.contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    bb.to(memory_format=layout)
+    x = x.contiguous(memory_format=layout)
     opt = torch.optim.SGD(
         [
             {"params": bb.parameters(), "lr": params.lr * params.backbone_lr_ratio},

@@ -8,7 +8,8 @@ autocast where the hardware has it, early stopping, and an atomic checkpoint eve
 killed run resumes where it stopped.
 
 Progress: an epoch bar (train loss and accuracy, val accuracy) over a batch bar (img/s and the
-running train loss and accuracy); each epoch's figures are also logged at INFO.
+running train loss and accuracy); the kept epoch's figures are logged at INFO, each epoch's at
+DEBUG.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transferlab.classifiers.training import (
     atomic_torch_save,
     augment_batch,
     augmentation,
+    in_channels_last,
     make_head,
     make_optimizer,
     predict,
@@ -134,12 +136,15 @@ def train_full(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = use_bf16(params.precision, device)
     channels_last = use_channels_last(device)
+    # load_backbone's backbones are in channels_last already; another one is converted for the
+    # training and handed back in its own layout
+    convert = channels_last and not in_channels_last(backbone)
     torch.manual_seed(params.seed)
     head = make_head(
         params.head, backbone.feature_dim, n_classes, hidden=params.hidden, dropout=params.dropout
     )
     backbone.to(device)
-    if channels_last:  # same arithmetic, faster convolutions; the caller gets NCHW back
+    if convert:
         backbone.to(memory_format=torch.channels_last)
     head.to(device)
     for p in backbone.parameters():
@@ -194,8 +199,9 @@ def train_full(
             log.warning("full: %s is from other data or settings; starting afresh", checkpoint)
 
     start = time.perf_counter()
-    bar = progress(range(start_epoch, params.epochs), desc="full", unit="epoch")
-    for epoch in bar:
+    # updated by hand, so the count and the epoch's figures show together (resumed: from there)
+    bar = progress(desc="full", unit="epoch", total=params.epochs, initial=start_epoch)
+    for epoch in range(start_epoch, params.epochs):
         if stopped:
             break
         t0 = time.perf_counter()
@@ -269,8 +275,10 @@ def train_full(
             loss=f"{row['train_loss']:.4f}",
             acc=f"{train_acc:.3f}",
             **({"val_acc": f"{val_acc:.3f}"} if has_val else {}),
+            refresh=False,
         )
-        log.info(
+        bar.update()
+        log.debug(
             "full epoch %d/%d: train loss %.4f, train acc %.3f, val acc %s (%.1f s)",
             epoch + 1,
             params.epochs,
@@ -321,10 +329,21 @@ def train_full(
         if on_epoch_end is not None:
             on_epoch_end(row)
     bar.close()
+    if history:
+        kept = history[best["epoch"] - history[0]["epoch"]]
+        log.info(
+            "full: %d epochs in %.1f s, kept epoch %d: train loss %.4f, train acc %.3f, val acc %s",
+            len(history),
+            sum(h["seconds"] for h in history),
+            best["epoch"] + 1,
+            kept["train_loss"],
+            kept["train_acc"],
+            "-" if kept["val_acc"] is None else f"{kept['val_acc']:.3f}",
+        )
     if best["backbone"] is not None:
         backbone.load_state_dict(best["backbone"])
         head.load_state_dict(best["head"])
-    if channels_last:
+    if convert:
         backbone.to(memory_format=torch.contiguous_format)
     n_trained = sum(p.numel() for p in backbone.parameters()) + sum(
         p.numel() for p in head.parameters()

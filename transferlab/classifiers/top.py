@@ -112,8 +112,9 @@ def train_top(
     best_state, best_acc, best_epoch, stale = copy.deepcopy(head.state_dict()), -1.0, 0, 0
     history: list[dict] = []
     start = time.perf_counter()
-    bar = progress(range(params.epochs), desc="top", unit="epoch")
-    for epoch in bar:
+    # updated by hand, so the count and the epoch's figures show together
+    bar = progress(desc="top", unit="epoch", total=params.epochs)
+    for epoch in range(params.epochs):
         head.train()
         perm = torch.randperm(len(y_train), generator=order)
         total_loss, correct = 0.0, 0
@@ -158,7 +159,9 @@ def train_top(
             loss=f"{history[-1]['train_loss']:.4f}",
             acc=f"{history[-1]['train_acc']:.3f}",
             **({"val_acc": f"{val_acc:.3f}"} if has_val else {}),
+            refresh=False,
         )
+        bar.update()
         if not has_val or val_acc > best_acc:
             best_state, best_acc, best_epoch, stale = (
                 copy.deepcopy(head.state_dict()),

@@ -125,9 +125,10 @@ def run_learning_curve(
     rows: list[dict] = []
     n_classes = len(FASHION_CLASSES)
     points = [(seed, n) for seed in lc.seeds for n in lc.n_per_class]
-    bar = progress(points, desc="learning curve", unit="point", leave=True)
-    for seed, n in bar:
-        bar.set_description(f"learning curve: N={n}/class, seed {seed}")
+    # updated by hand, so the count and the last point's accuracies show together
+    bar = progress(desc="learning curve", unit="point", total=len(points), leave=True)
+    for seed, n in points:
+        bar.set_description(f"learning curve: N={n}/class, seed {seed}", refresh=False)
         sub = per_class_indices(y_pool, n, np.random.default_rng(1000 * seed + n))
         ytr = y_pool[sub]
         base = {"n_per_class": n, "seed": seed, "n_train": int(len(sub))}
@@ -204,8 +205,10 @@ def run_learning_curve(
             }
         )
         last = {r_["method"]: round(r_["test_acc"], 3) for r_ in rows[-3:]}
-        bar.set_postfix(last)
+        bar.set_postfix(last, refresh=False)
+        bar.update()
         log.info("N=%d seed=%d: %s", n, seed, last)
+    bar.close()
     return rows
 
 

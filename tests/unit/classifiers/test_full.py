@@ -186,3 +186,19 @@ def test_overfitting_warning(random_lite0, caplog):
     lagging = [a for a in accs if a[0] == 1.0 and a[1] < 0.9]
     assert lagging, accs  # three images are memorised; random val labels cannot follow
     assert "overfitting" in caplog.text
+
+
+def test_the_backbone_comes_back_in_the_layout_it_came_in(random_lite0, tiny_images):
+    """Trained in channels_last on a CPU either way; load_backbone's stay so, an NCHW one too."""
+    from transferlab.classifiers.training import in_channels_last
+
+    x, y, _, _ = tiny_images
+    params = FullParams(**FAST, epochs=1)
+    assert in_channels_last(random_lite0)  # load_backbone's layout
+    train_full(backbone=random_lite0, n_classes=3, params=params, x_train=x, y_train=y)
+    assert in_channels_last(random_lite0)
+    random_lite0.to(memory_format=torch.contiguous_format)
+    assert not in_channels_last(random_lite0)
+    train_full(backbone=random_lite0, n_classes=3, params=params, x_train=x, y_train=y)
+    assert not in_channels_last(random_lite0)
+    assert all(p.is_contiguous() for p in random_lite0.parameters())
