@@ -327,6 +327,7 @@ def extract_features(
     background=(255, 255, 255),
     compile: bool = False,
     record: bool = True,
+    checkpoint_every: int | None = None,
 ) -> tuple[np.ndarray, ExtractStats]:
     """Features for every image, computing only those the cache has not seen.
 
@@ -335,6 +336,9 @@ def extract_features(
         precision: ``fp32 | bf16 | fp16`` autocast, or ``auto`` (see ``resolve_precision``).
         batch_size: an int, or ``auto`` (see ``resolve_batch_size``).
         record: write this run's hit/miss counts to ``<cache_root>/last_run.json``.
+        checkpoint_every: write a cache shard after each this many new images, so a killed
+            run resumes from the last one; ``None``: one shard at the end. Ignored with
+            ``compile`` (each chunk would compile again).
 
     Returns:
         (N, D) float32 features in input order, and hit/miss counts.
@@ -353,17 +357,20 @@ def extract_features(
     unique_todo = list({shas[i]: i for i in todo}.values())
     if unique_todo:
         log.info("extracting %d new images (%d cached)", len(unique_todo), len(shas) - len(todo))
-        feats = _extract(
-            backbone,
-            [paths[i] for i in unique_todo],
-            batch_size=bs,
-            num_workers=num_workers,
-            precision=precision,
-            background=background,
-            compile=compile,
-        )
         cache.describe(_space_meta(backbone, background, precision))
-        cache.put([shas[i] for i in unique_todo], feats)
+        chunk = len(unique_todo) if compile or not checkpoint_every else checkpoint_every
+        for at in range(0, len(unique_todo), chunk):
+            part = unique_todo[at : at + chunk]
+            feats = _extract(
+                backbone,
+                [paths[i] for i in part],
+                batch_size=bs,
+                num_workers=num_workers,
+                precision=precision,
+                background=background,
+                compile=compile,
+            )
+            cache.put([shas[i] for i in part], feats)
     stats = ExtractStats(
         images=len(shas),
         hits=len(shas) - len(todo),

@@ -91,91 +91,25 @@ def _split_rows(root: Path) -> list[dict]:
 
 
 def _extract_rows(params: Params, root: Path, rows: list[dict], *, record: bool = True):
-    """Features for ``rows`` through the cache, in chunks of ``features.checkpoint_every``
-    images: each chunk lands in the cache as a shard, so a killed run resumes from the last one.
-    """
-    import time
-
+    """Features for ``rows`` through the cache; a shard lands every ``features.checkpoint_every``
+    new images, so a killed run resumes from the last one."""
     from transferlab.backbones import load_backbone
-    from transferlab.cache import record_run
-    from transferlab.features import (
-        ExtractStats,
-        extract_features,
-        resolve_batch_size,
-        resolve_precision,
-    )
+    from transferlab.features import extract_features
 
     fp = params.features
-    cache_root = root / fp.cache_dir
-    backbone = load_backbone(fp.backbone, fp.pretrained)
-    paths = [root / "data" / r["path"] for r in rows]
-    shas = [r["sha256"] for r in rows]
-    common = {
-        "cache_root": cache_root,
-        "num_workers": fp.num_workers,
-        "background": params.data.background,
-        "compile": fp.compile,
-    }
-    # compiling is per call: chunks would recompile (and fall back to eager past dynamo's limit)
-    chunk = len(rows) if fp.compile else fp.checkpoint_every
-    if len(rows) <= chunk:
-        return extract_features(
-            backbone,
-            paths,
-            shas,
-            batch_size=fp.batch_size,
-            precision=fp.precision,
-            record=record,
-            **common,
-        )
-    start = time.perf_counter()
-    # resolved once, not per chunk (``auto`` probes the device)
-    batch_size = resolve_batch_size(fp.batch_size, backbone)
-    precision = resolve_precision(
-        fp.precision,
-        backbone,
-        paths,
-        cache_root=cache_root,
-        background=tuple(params.data.background),
-        batch_size=batch_size,
+    return extract_features(
+        load_backbone(fp.backbone, fp.pretrained),
+        [root / "data" / r["path"] for r in rows],
+        [r["sha256"] for r in rows],
+        cache_root=root / fp.cache_dir,
+        batch_size=fp.batch_size,
+        num_workers=fp.num_workers,
+        precision=fp.precision,
+        background=params.data.background,
+        compile=fp.compile,
+        record=record,
+        checkpoint_every=fp.checkpoint_every,
     )
-    parts, hits, misses, space = [], 0, 0, ""
-    for i in range(0, len(rows), chunk):
-        feats, stats = extract_features(
-            backbone,
-            paths[i : i + chunk],
-            shas[i : i + chunk],
-            batch_size=batch_size,
-            precision=precision,
-            record=False,
-            **common,
-        )
-        parts.append(feats)
-        hits, misses, space = hits + stats.hits, misses + stats.misses, stats.space
-    total = ExtractStats(
-        images=len(rows),
-        hits=hits,
-        misses=misses,
-        seconds=time.perf_counter() - start,
-        precision=precision,
-        batch_size=batch_size,
-        space=space,
-    )
-    if record:
-        record_run(
-            cache_root,
-            {
-                "images": total.images,
-                "hits": total.hits,
-                "misses": total.misses,
-                "hit_rate": total.hit_rate,
-                "seconds": round(total.seconds, 3),
-                "backbone": backbone.name,
-                "precision": precision,
-                "space": space,
-            },
-        )
-    return np.concatenate(parts), total
 
 
 def shard_of(sha256: str, n_shards: int) -> int:
