@@ -19,6 +19,17 @@ CREDENTIALS = {
 }
 
 
+def isolate_aws_env(monkeypatch, tmp_path: Path) -> None:
+    """Test credentials in the environment and nothing else for boto3's standard chain to
+    find: no profile, no shared config, no instance role."""
+    for k, v in CREDENTIALS.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+
+
 class MotoServer:
     """``moto_server -H 127.0.0.1 -p PORT`` in a subprocess.
 

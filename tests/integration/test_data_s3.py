@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.integration.helpers import png_bytes
-from tests.integration.moto import CREDENTIALS, MotoServer
+from tests.integration.moto import MotoServer, isolate_aws_env
 from transferlab.config import DataParams, S3Source
 from transferlab.data import DataSourceError, pull_dataset, read_manifest
 from transferlab.data.s3 import INDEX_NAME, make_client, sync_prefix
@@ -21,12 +21,7 @@ N_PER_CLASS = {"cats": 520, "dogs": 481}
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch, tmp_path):
-    # The standard chain reads these; nothing outside the test is consulted.
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolate_aws_env(monkeypatch, tmp_path)
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ import yaml
 
 from tests.conftest import write_workspace
 from tests.integration.helpers import ArchiveServer, free_port, png_bytes, tar_gz
-from tests.integration.moto import CREDENTIALS, MotoServer
+from tests.integration.moto import MotoServer, isolate_aws_env
 from tests.reliability.cases import Case
 from tests.reliability.conftest import tree_digest
 from transferlab.data import DataSourceError
@@ -188,13 +188,7 @@ def test_http_path_traversal_is_refused(case, http, tmp_path):
 
 @pytest.fixture(autouse=True)
 def aws_env(monkeypatch, tmp_path):
-    # the standard chain reads these; nothing outside the test (no profile, no instance role)
-    for k, v in CREDENTIALS.items():
-        monkeypatch.setenv(k, v)
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
-    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    isolate_aws_env(monkeypatch, tmp_path)
 
 
 BODIES = {
