@@ -45,6 +45,7 @@ def robustness_sweep(
     targeted: Collection[str] = (),
     store: ShardStore | None = None,
     model_key: str = "",
+    label: str = "",
 ) -> list[dict]:
     """Attack ``model`` with each attack at each eps, batch by batch (one shard per batch).
 
@@ -58,6 +59,7 @@ def robustness_sweep(
         store: where finished shards are kept; a shard found there is not recomputed, so a
             killed sweep resumes where it stopped.
         model_key: digest naming the model's weights (part of every shard key).
+        label: the model's name, for the progress bar.
 
     Returns:
         One row per (attack, eps): clean and robust accuracy (right before and after the
@@ -76,7 +78,7 @@ def robustness_sweep(
     rows = []
     total = len(attacks) * len(eps) * ((len(x01) + batch_size - 1) // batch_size)
     reused = 0
-    with progress(total=total, unit="batch", desc="attack") as bar:
+    with progress(total=total, unit="batch", desc=f"attack {label}".strip()) as bar:
         for name in attacks:
             is_targeted = name in targeted
             for e in eps:

@@ -120,6 +120,7 @@ def _sweep(params: Params, root: Path, name: str, x: Tensor, y: Tensor, model, k
         targeted=("fgsm",) if ap.fgsm.targeted else (),
         store=ShardStore(root / ap.work_dir),
         model_key=key,
+        label=name,
     )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from transferlab.config import Params
 from transferlab.lineage import dvc_state
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def _log_pipeline_run(mlflow, params, workdir, uri, *, tags, methods, artifacts)
         mlflow.log_params(params.flat())
         for path in artifacts:
             mlflow.log_artifact(str(path))
-        for rec in methods:
+        for rec in progress(methods, desc="MLflow: logging runs and models", unit="run"):
             with mlflow.start_run(
                 experiment_id=exp_id, run_name=rec.name, nested=True, tags={**run_tags, **rec.tags}
             ) as child:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from transferlab.attacks.base import Attack
+from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
 
@@ -30,13 +31,14 @@ def imagenet_labels(model: nn.Module, x01: Tensor, *, batch_size: int = 16) -> T
         )
 
 
-def craft(model: nn.Module, attack: Attack, x01: Tensor, y: Tensor, *, batch_size: int) -> Tensor:
+def craft(
+    model: nn.Module, attack: Attack, x01: Tensor, y: Tensor, *, batch_size: int, name: str = ""
+) -> Tensor:
     """(N, C, H, W) adversarials of ``attack`` on ``model`` for labels ``y``, batch by batch."""
+    starts = range(0, len(x01), batch_size)
+    bar = progress(starts, desc=f"transfer: crafting on {name or 'source'}", unit="batch")
     return torch.cat(
-        [
-            attack(model, x01[i : i + batch_size], y[i : i + batch_size]).x_adv
-            for i in range(0, len(x01), batch_size)
-        ]
+        [attack(model, x01[i : i + batch_size], y[i : i + batch_size]).x_adv for i in bar]
     )
 
 
@@ -67,7 +69,7 @@ def transfer_matrix(
     adversarials: dict[str, Tensor] = {}
     clean = {t: imagenet_labels(m, x01, batch_size=batch_size) == y for t, m in targets.items()}
     for s_name, (s_model, s_labels) in sources.items():
-        x_adv = craft(s_model, attack, x01, s_labels, batch_size=batch_size)
+        x_adv = craft(s_model, attack, x01, s_labels, batch_size=batch_size, name=s_name)
         adversarials[s_name] = x_adv
         source_success = float(
             (imagenet_labels(s_model, x_adv, batch_size=batch_size) != s_labels).float().mean()
