@@ -9,6 +9,7 @@ None of these stages opens an MLflow run (tracking happens in ``report``; see
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import signal
@@ -151,6 +152,29 @@ def _without_seconds(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
 
 
+# Another process may sum in another order, or use another thread count (the in-process
+# reference below runs in pytest's process): seen in CI, 1e-8 relative on a training loss, and
+# up to 4e-4 on attack confidences where a near-zero gradient's sign flipped a few pixels.
+# Integers and labels (predictions, success, queries, counts) must match exactly.
+FLOAT_TOL = 1e-3
+
+
+def _same(a, b) -> bool:
+    """Equal, floats within ``FLOAT_TOL``."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-5, abs_tol=FLOAT_TOL)
+    if isinstance(a, str) and isinstance(b, str) and a != b:
+        try:  # CSV cells
+            return math.isclose(float(a), float(b), rel_tol=1e-5, abs_tol=FLOAT_TOL)
+        except ValueError:
+            return False
+    return a == b
+
+
 @pytest.mark.parametrize(
     ("case", "sig"),
     [
@@ -195,12 +219,12 @@ def test_interrupted_full_resumes(case, sig, workspace_copy, full_reference, tmp
     # checkpoint's
     assert metrics["history"][: done_epoch + 1] == state["history"]
     assert not ckpt.exists() and leftovers(ws) == []
-    # and the result is the uninterrupted run's, bit for bit
+    # and the result is the uninterrupted run's (up to float rounding between processes)
     reference = json.loads((full_reference / "metrics/full.json").read_text())
-    assert _without_seconds(metrics["history"]) == _without_seconds(reference["history"])
+    assert _same(_without_seconds(metrics["history"]), _without_seconds(reference["history"]))
     mine, ref = _full_state(ws), _full_state(full_reference)
     assert mine.keys() == ref.keys()
-    assert all(torch.equal(mine[k], ref[k]) for k in ref)
+    assert all(torch.allclose(mine[k].float(), ref[k].float(), rtol=1e-4, atol=1e-6) for k in ref)
 
 
 # ------------------------------------------------------------------ attack
@@ -268,8 +292,15 @@ def test_interrupted_attack_resumes(case, sig, workspace_copy, pipeline_workspac
     # every shard, resumed or not, holds what the uninterrupted run computed
     shards = _shards(ws)
     assert shards.keys() == reference.keys()
-    assert all(_drop_seconds(shards[k]) == _drop_seconds(reference[k]) for k in reference)
-    assert (ws / "metrics/attack.json").read_bytes() == (
-        pipeline_workspace / "metrics/attack.json"
-    ).read_bytes()
-    assert _robustness_rows(ws) == _robustness_rows(pipeline_workspace)
+    differ = {
+        (k[:8], f): (shards[k].get(f), reference[k][f])
+        for k in reference
+        for f in reference[k]
+        if f != "seconds" and not _same(shards[k].get(f), reference[k][f])
+    }
+    assert not differ, differ
+    mine, ref = (
+        json.loads((w / "metrics/attack.json").read_text()) for w in (ws, pipeline_workspace)
+    )
+    assert _same(mine, ref)
+    assert _same(_robustness_rows(ws), _robustness_rows(pipeline_workspace))
