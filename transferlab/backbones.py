@@ -8,7 +8,6 @@ model (``torchvision:<name>``) with ``pretrained: hub``, or load ``pretrained: f
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from importlib import resources
 from pathlib import Path
@@ -18,6 +17,7 @@ from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 
 from transferlab.backbone_specs import BACKBONES, BackboneSpec, check_backbone_name, get_spec
+from transferlab.data.manifest import file_sha256
 
 __all__ = [
     "BACKBONES",
@@ -98,14 +98,6 @@ def map_lukemelas_state_dict(
     return mapped
 
 
-def file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _build_module(spec: BackboneSpec, pretrained: str) -> tuple[nn.Module, str]:
     """The ImageNet model (with its classifier) and a digest that names its weights."""
     hub = pretrained == "hub"
@@ -122,12 +114,12 @@ def _build_module(spec: BackboneSpec, pretrained: str) -> tuple[nn.Module, str]:
         path = package_weights_path(spec)
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(map_lukemelas_state_dict(state, model.state_dict()), strict=True)
-        digest = file_digest(path)
+        digest = file_sha256(path)
     elif pretrained.startswith("file:"):
         path = Path(pretrained[5:])
         state = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(state, strict=True)
-        digest = file_digest(path)
+        digest = file_sha256(path)
     elif hub:
         digest = f"hub:{spec.library}:{spec.arch}"
     else:

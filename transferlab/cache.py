@@ -37,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.atomic import atomic_write
+from transferlab.data.manifest import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -74,15 +75,6 @@ def atomic_write_bytes(dest: Path, data: bytes) -> None:
 
 def atomic_write_json(dest: Path, obj: object) -> None:
     atomic_write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def shard_digest(path: Path) -> str:
-    """sha256 of a shard file's bytes."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def write_shard(folder: Path, shas: Sequence[str], features: np.ndarray) -> Path:
@@ -233,7 +225,7 @@ def _shard_problem(shard: Path) -> str | None:
     match = SHARD_RE.match(shard.name)
     if match is None:
         return "name is not shard-<sha256>.npz"
-    if shard_digest(shard) != match.group(1):
+    if file_sha256(shard) != match.group(1):
         return "digest mismatch"
     try:
         with np.load(shard) as z:

@@ -19,6 +19,7 @@ from tests.conftest import REPO
 from transferlab import cache
 from transferlab.cache import FeatureCache
 from transferlab.cli import app
+from transferlab.data import file_sha256
 
 
 def sha(i: int) -> str:
@@ -36,7 +37,7 @@ def fill(root: Path, space: str, ids: list[int]) -> Path:
 
 def test_shard_name_is_the_digest_of_its_bytes_and_put_is_idempotent(tmp_path):
     shard = fill(tmp_path, "s", [1, 2, 3])
-    assert shard.name == f"shard-{cache.shard_digest(shard)}.npz"
+    assert shard.name == f"shard-{file_sha256(shard)}.npz"
     assert fill(tmp_path, "s", [1, 2, 3]) == shard
     assert len(cache.shards(tmp_path / "s")) == 1
     assert not list(tmp_path.rglob("*.tmp"))
