@@ -9,6 +9,7 @@ so the runner cannot change the features, only where they are computed.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -55,6 +56,10 @@ def build_task_runner(runner: RunnerParams):
                 "local_directory": tempfile.mkdtemp(prefix="transferlab-dask-"),
             },
         )
+    # one node on loopback: on Linux Ray swaps 127.0.0.1 for the machine's address and binds
+    # every interface unless it is told the cluster is one machine (read once, when ray is imported)
+    if not runner.address:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         from prefect_ray import RayTaskRunner
     except ImportError:
@@ -63,7 +68,16 @@ def build_task_runner(runner: RunnerParams):
         ) from None
     if runner.address:
         return RayTaskRunner(address=runner.address)
-    return RayTaskRunner(init_kwargs={"num_cpus": runner.workers, "include_dashboard": False})
+    return RayTaskRunner(
+        # "local" starts a new Ray: never the cluster RAY_ADDRESS or /tmp/ray names
+        address="local",
+        init_kwargs={
+            "num_cpus": runner.workers,
+            "include_dashboard": False,
+            # never write sessions, logs and spilled objects to the shared /tmp/ray
+            "_temp_dir": tempfile.mkdtemp(prefix="transferlab-ray-"),
+        },
+    )
 
 
 @flow(name="transferlab-features")
@@ -86,7 +100,9 @@ def run_feature_shards(params_path: str, workdir: str) -> list[dict]:
             params_path, workdir, n_shards(runner)
         )
     finally:
-        scratch = (getattr(task_runner, "cluster_kwargs", None) or {}).get("local_directory")
+        scratch = (getattr(task_runner, "cluster_kwargs", None) or {}).get("local_directory") or (
+            getattr(task_runner, "init_kwargs", None) or {}
+        ).get("_temp_dir")
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     images = sum(r["images"] for r in results)

@@ -374,6 +374,10 @@ class PgdParams(Section):
     step_size: float | None = None
     restarts: int = Field(1, ge=1)
     random_start: bool = True
+    # stop on each image at the first iterate that fools the model: robust accuracy can only
+    # fall, and the rest of the steps run on the images still standing (transfer crafting
+    # always takes every step)
+    early_stop: bool = True
 
     _step = field_validator("step_size", mode="before")(
         classmethod(lambda cls, v: _optional_eps(v))
@@ -383,6 +387,7 @@ class PgdParams(Section):
 class BimParams(Section):
     steps: int = Field(10, ge=1)
     step_size: float | None = None
+    early_stop: bool = True
 
     _step = field_validator("step_size", mode="before")(
         classmethod(lambda cls, v: _optional_eps(v))
@@ -393,6 +398,7 @@ class MifgsmParams(Section):
     steps: int = Field(10, ge=1)
     step_size: float | None = None  # null: eps / steps (Dong et al.)
     momentum: float = Field(1.0, ge=0.0)
+    early_stop: bool = True
 
     _step = field_validator("step_size", mode="before")(
         classmethod(lambda cls, v: _optional_eps(v))

@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from transferlab.config import Params
+
+if TYPE_CHECKING:
+    from transferlab.attacks import Attack
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +168,6 @@ def sweep_model(params: Params, root: Path, name: str) -> tuple[list[dict], dict
 
 def transfer(params: Params, root: Path) -> tuple[list[dict], dict[str, Tensor], Tensor]:
     """The transfer matrix for ``attack.transfer``: rows, adversarials per source, clean x."""
-    from transferlab.attacks import make_attack
     from transferlab.attacks.transfer import imagenet_labels, transfer_matrix
 
     ap, tp = params.attack, params.attack.transfer
@@ -177,12 +180,22 @@ def transfer(params: Params, root: Path) -> tuple[list[dict], dict[str, Tensor],
         model = targets[s] if s in targets else load_attack_model(params, root, s)[0]
         labels = imagenet_labels(model, x, batch_size=ap.batch_size) if s == IMAGENET else y
         sources[s] = (model, labels)
-    kwargs = ap.attack_kwargs(tp.attack)
-    attack = make_attack(tp.attack, eps=tp.eps, **kwargs)
     rows, adversarials = transfer_matrix(
-        sources, targets, x, y, attack=attack, batch_size=ap.batch_size
+        sources, targets, x, y, attack=transfer_attack(params), batch_size=ap.batch_size
     )
     return rows, adversarials, x
+
+
+def transfer_attack(params: Params) -> Attack:
+    """The attack ``attack.transfer`` crafts with: its section's hyperparameters, but every
+    step taken (an image barely across the source's boundary transfers poorly)."""
+    from transferlab.attacks import make_attack
+
+    tp = params.attack.transfer
+    kwargs = params.attack.attack_kwargs(tp.attack)
+    if "early_stop" in kwargs:
+        kwargs["early_stop"] = False
+    return make_attack(tp.attack, eps=tp.eps, **kwargs)
 
 
 def grid_examples(

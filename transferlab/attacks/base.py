@@ -52,6 +52,26 @@ class AttackResult:
         return float(self.success.float().mean()) if self.success.numel() else 0.0
 
 
+@dataclass
+class Candidates:
+    """What ``Attack.run`` may return instead of bare images: the images plus the model's logits
+    on the rows the attack already evaluated, so the success check skips those rows.
+
+    Attributes:
+        x_adv: (N, C, H, W) candidate images.
+        logits: (N, K) model outputs, valid in the rows where ``known`` is True; None if none is.
+        known: (N,) bool, rows whose ``logits`` are the model's output on exactly ``x_adv``.
+    """
+
+    x_adv: Tensor
+    logits: Tensor | None
+    known: Tensor
+
+    @classmethod
+    def unevaluated(cls, x_adv: Tensor) -> Candidates:
+        return cls(x_adv, None, torch.zeros(x_adv.shape[0], dtype=torch.bool, device=x_adv.device))
+
+
 def project(x: Tensor, x_adv: Tensor, *, eps: float, norm: str) -> Tensor:
     """Project ``x_adv`` onto the eps-ball around ``x`` and then onto the box [0, 1].
 
@@ -156,7 +176,7 @@ class Attack:
         args = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
         return f"{type(self).__name__}({args})"
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor | Candidates:
         """Search for adversarial images. Implemented by subclasses.
 
         Args:
@@ -167,7 +187,9 @@ class Attack:
 
         Returns:
             (N, C, H, W) candidate images; ``__call__`` projects them onto the eps-ball and
-            [0, 1], so ``run`` need not be exact about the last projection.
+            [0, 1], so ``run`` need not be exact about the last projection. Or ``Candidates``
+            carrying the logits the attack already has for some rows (e.g. images an iterative
+            attack stopped early on), which the success check then reuses.
         """
         raise NotImplementedError
 
@@ -202,17 +224,12 @@ class Attack:
             self._check_inputs(x, y)
             counter = CallCounter(model, x.shape[0], x.device)
             if self.eps == 0 or x.shape[0] == 0:
-                x_adv = x.clone()
+                found = Candidates.unevaluated(x.clone())
             else:
-                x_adv = self.run(counter, x, y).detach().to(torch.float32)
-                if x_adv.shape != x.shape:
-                    raise RuntimeError(
-                        f"{type(self).__name__}.run returned shape {tuple(x_adv.shape)}, "
-                        f"expected {tuple(x.shape)}"
-                    )
-                x_adv = project(x, x_adv, eps=self.eps, norm=self.norm)
-            with torch.no_grad():
-                logits = model(x_adv).float()
+                found = self.run(counter, x, y)
+                if not isinstance(found, Candidates):
+                    found = Candidates.unevaluated(found)
+            x_adv, logits = self._checked(model, x, found)
             pred = logits.argmax(dim=1)
         success = pred == y if self.targeted else pred != y
         result = AttackResult(
@@ -232,6 +249,34 @@ class Attack:
             result.seconds,
         )
         return result
+
+    def _checked(self, model: nn.Module, x: Tensor, found: Candidates) -> tuple[Tensor, Tensor]:
+        """Project the candidates and get the model's logits on every one of them.
+
+        Rows the attack already evaluated keep their logits, unless the projection moved them;
+        the others take one forward pass (the success check, not counted as queries).
+        """
+        x_adv = found.x_adv.detach().to(torch.float32)
+        if x_adv.shape != x.shape:
+            raise RuntimeError(
+                f"{type(self).__name__}.run returned shape {tuple(x_adv.shape)}, "
+                f"expected {tuple(x.shape)}"
+            )
+        projected = project(x, x_adv, eps=self.eps, norm=self.norm)
+        known = found.known.to(x.device)
+        if found.logits is not None and known.any():
+            known = known & (projected == x_adv).flatten(1).all(dim=1)
+        else:
+            known = torch.zeros_like(known)
+        with torch.no_grad():
+            if not known.any():
+                return projected, model(projected).float()
+            if known.all():
+                return projected, found.logits.detach().float()
+            logits = found.logits.detach().float().clone()
+            todo = (~known).nonzero().squeeze(1)
+            logits[todo] = model(projected[todo]).float()
+        return projected, logits
 
     @staticmethod
     def _check_inputs(x: Tensor, y: Tensor) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transferlab.attacks.base import NORMS, Attack, project
+from transferlab.attacks.base import NORMS, Attack, Candidates, project
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,13 @@ class ProjectedGradient(Attack):
         momentum: decay factor mu of MI-FGSM (Dong et al., 2018). With mu > 0 the step follows
             ``g <- mu * g + grad / mean|grad|`` (per image) instead of the raw gradient; 0
             (default) is plain PGD.
+        early_stop: stop on each image at the first iterate the model gets wrong (targeted:
+            classifies as the target), seen in the forward pass the next step needs anyway.
+            Later steps then run on the remaining images only, and the success check reuses
+            those logits. Robust accuracy can only fall (any fooling iterate counts, as in
+            AutoAttack), perturbations are smaller, and on an undefended model most images stop
+            after a step or two. Off, every image takes every step, as in torchattacks; crafting
+            for transfer wants that (an image barely across the boundary transfers poorly).
     """
 
     name = "projected_gradient"
@@ -58,6 +65,7 @@ class ProjectedGradient(Attack):
         norm: str = "linf",
         seed: int | None = None,
         momentum: float = 0.0,
+        early_stop: bool = False,
     ):
         if norm not in NORMS:
             raise ValueError(f"unknown norm {norm!r}; allowed values are {list(NORMS)}")
@@ -77,8 +85,9 @@ class ProjectedGradient(Attack):
         if not momentum >= 0:
             raise ValueError(f"momentum must be >= 0, got {momentum}")
         self.momentum = float(momentum)
+        self.early_stop = bool(early_stop)
 
-    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    def run(self, model: nn.Module, x: Tensor, y: Tensor) -> Candidates:
         """Run the restarts and keep the best per image. Shapes as in ``Attack.run``."""
         generator = None
         if self.seed is not None:
@@ -89,38 +98,84 @@ class ProjectedGradient(Attack):
             return self._descend(model, x, y, generator)
 
         best = x.clone()
+        best_logits: Tensor | None = None
         best_loss = torch.full((x.shape[0],), -torch.inf, device=x.device)
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+        kept = torch.zeros_like(found)  # rows whose best run (and its logits) is set
         for _ in range(self.restarts):
-            x_adv = self._descend(model, x, y, generator)
-            with torch.no_grad():
-                logits = model(x_adv)
-            loss = self._signed_loss(logits, y, reduction="none")
-            pred = logits.argmax(dim=1)
-            success = pred == y if self.targeted else pred != y
-            # A success found earlier is final; otherwise the higher loss (or a success) wins.
-            better = ~found & (success | (loss > best_loss))
-            best[better] = x_adv[better]
-            best_loss = torch.where(better, loss, best_loss)
-            found |= success
-        return best
+            # A success found earlier is final, so later restarts only run on the rest.
+            todo = (~found).nonzero().squeeze(1)
+            if todo.numel() == 0:
+                break
+            run = self._descend(model, x[todo], y[todo], generator)
+            logits = self._score(model, run, todo)
+            if best_logits is None:
+                best_logits = logits.new_zeros(x.shape[0], logits.shape[1])
+            loss = self._signed_loss(logits, y[todo], reduction="none")
+            success = self._succeeded(logits, y[todo])
+            # otherwise the higher loss (or a success) wins
+            better = success | (loss > best_loss[todo])
+            rows = todo[better]
+            best[rows], best_logits[rows] = run.x_adv[better], logits[better]
+            best_loss[rows], kept[rows] = loss[better], True
+            found[todo[success]] = True
+        return Candidates(best, best_logits, kept)
+
+    @staticmethod
+    def _score(model: nn.Module, run: Candidates, index: Tensor) -> Tensor:
+        """(n, K) logits on all of ``run.x_adv``: the known rows as they are, one query per
+        image (rows ``index`` of the batch) for the others."""
+        if run.logits is not None and run.known.all():
+            return run.logits
+        with torch.no_grad():
+            if run.logits is None:
+                return model(run.x_adv, index=index).float()
+            logits = run.logits.clone()
+            todo = (~run.known).nonzero().squeeze(1)
+            logits[todo] = model(run.x_adv[todo], index=index[todo]).float()
+        return logits
+
+    def _succeeded(self, logits: Tensor, y: Tensor) -> Tensor:
+        pred = logits.argmax(dim=1)
+        return pred == y if self.targeted else pred != y
 
     def _descend(
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None
-    ) -> Tensor:
-        """One run of the projected-gradient loop from a (random) start. (N, C, H, W) in [0, 1]."""
+    ) -> Candidates:
+        """One run of the projected-gradient loop from a (random) start, in [0, 1].
+
+        With ``early_stop`` an image leaves the loop at the first iterate that fools the model,
+        and its logits from that forward pass come back with it.
+        """
         x_adv = self._start(x, generator) if self.random_start else x.clone()
-        velocity = torch.zeros_like(x)
+        out = Candidates.unevaluated(x_adv)
+        # The images still descending: their batch positions, and compact copies of their state.
+        rows = torch.arange(x.shape[0], device=x.device)
+        x0, xs, ys, velocity = x, x_adv, y, torch.zeros_like(x)
         for _ in range(self.steps):
-            grad = self._loss_gradient(model, x_adv, y)
+            grad, logits = self._loss_gradient(model, xs, ys)
+            if self.early_stop:
+                done = self._succeeded(logits, ys)
+                if done.any():
+                    if out.logits is None:
+                        out.logits = logits.new_zeros(x.shape[0], logits.shape[1])
+                    out.x_adv[rows[done]], out.logits[rows[done]] = xs[done], logits[done]
+                    out.known[rows[done]] = True
+                    keep = ~done
+                    rows, x0, xs, ys, velocity, grad = (
+                        t[keep] for t in (rows, x0, xs, ys, velocity, grad)
+                    )
+                    if rows.numel() == 0:
+                        return out
             if self.momentum:
                 # L1-normalised per image, as in Dong et al. and torchattacks' MIFGSM, so the
                 # accumulated direction is not dominated by one large-gradient step.
                 scale = grad.abs().mean(dim=tuple(range(1, grad.dim())), keepdim=True)
                 velocity = self.momentum * velocity + grad / scale.clamp_min(1e-12)
                 grad = velocity
-            x_adv = project(x, x_adv + self.step_size * self._direction(grad), **self._ball())
-        return x_adv
+            xs = project(x0, xs + self.step_size * self._direction(grad), **self._ball())
+        out.x_adv[rows] = xs
+        return out
 
     def _ball(self) -> dict[str, float | str]:
         return {"eps": self.eps, "norm": self.norm}
@@ -140,12 +195,13 @@ class ProjectedGradient(Attack):
         loss = F.cross_entropy(logits.float(), y, reduction=reduction)
         return -loss if self.targeted else loss
 
-    def _loss_gradient(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> Tensor:
-        """d loss / d x_adv, (N, C, H, W). Gradient with respect to the input only."""
+    def _loss_gradient(self, model: nn.Module, x_adv: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """d loss / d x_adv (N, C, H, W), with respect to the input only, and the (N, K) logits
+        of the forward pass it took."""
         x_adv = x_adv.detach().requires_grad_(True)
-        loss = self._signed_loss(model(x_adv), y)
-        (grad,) = torch.autograd.grad(loss, x_adv)
-        return grad
+        logits = model(x_adv)
+        (grad,) = torch.autograd.grad(self._signed_loss(logits, y), x_adv)
+        return grad, logits.detach().float()
 
     def _direction(self, grad: Tensor) -> Tensor:
         """The steepest-ascent unit step for the norm: sign (L-inf) or unit L2 vector."""
@@ -187,6 +243,7 @@ class BIM(ProjectedGradient):
         targeted: bool = False,
         steps: int = 10,
         step_size: float | None = None,
+        early_stop: bool = False,
     ):
         super().__init__(
             eps=eps,
@@ -196,6 +253,7 @@ class BIM(ProjectedGradient):
             random_start=False,
             restarts=1,
             norm="linf",
+            early_stop=early_stop,
         )
 
 
@@ -214,6 +272,7 @@ class PGD(ProjectedGradient):
         random_start: bool = True,
         restarts: int = 1,
         seed: int | None = None,
+        early_stop: bool = False,
     ):
         super().__init__(
             eps=eps,
@@ -224,6 +283,7 @@ class PGD(ProjectedGradient):
             restarts=restarts,
             norm="linf",
             seed=seed,
+            early_stop=early_stop,
         )
 
 
@@ -243,6 +303,7 @@ class PGDL2(ProjectedGradient):
         random_start: bool = True,
         restarts: int = 1,
         seed: int | None = None,
+        early_stop: bool = False,
     ):
         super().__init__(
             eps=eps,
@@ -253,6 +314,7 @@ class PGDL2(ProjectedGradient):
             restarts=restarts,
             norm="l2",
             seed=seed,
+            early_stop=early_stop,
         )
 
 
@@ -274,6 +336,7 @@ class MIFGSM(ProjectedGradient):
         step_size: float | None = None,
         momentum: float = 1.0,
         seed: int | None = None,
+        early_stop: bool = False,
     ):
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
@@ -287,6 +350,7 @@ class MIFGSM(ProjectedGradient):
             norm="linf",
             seed=seed,
             momentum=momentum,
+            early_stop=early_stop,
         )
 
 

@@ -13,6 +13,7 @@ from transferlab.attacks import (
     ATTACKS,
     BIM,
     FGSM,
+    MIFGSM,
     PGD,
     Attack,
     ProjectedGradient,
@@ -163,9 +164,11 @@ def test_call_counts(tiny_cnn: nn.Sequential, tiny_batch) -> None:
     x, y = tiny_batch
     one = PGD(eps=8 / 255, steps=4)(tiny_cnn, x, y)
     assert one.gradients == 4 and torch.equal(one.queries, torch.zeros(16, dtype=torch.int64))
-    three = PGD(eps=8 / 255, steps=4, restarts=3)(tiny_cnn, x, y)
-    # Restarts are scored with one forward query each.
-    assert three.gradients == 12 and torch.equal(three.queries, torch.full((16,), 3))
+    three = PGD(eps=8 / 255, steps=4, restarts=3, seed=0)(tiny_cnn, x, y)
+    # Each restart scores its images with one forward query; an image fooled by one restart
+    # takes no part in the next ones, so it stops early with fewer queries.
+    assert three.gradients == 12 and three.queries.min() >= 1 and three.queries.max() == 3
+    assert three.success[three.queries < 3].all() and (three.queries < 3).any()
     assert one.seconds > 0
 
 
@@ -290,3 +293,45 @@ def test_result_carries_the_logits_of_its_adversarials(tiny_cnn: nn.Sequential, 
         expected = tiny_cnn(result.x_adv)
     assert torch.allclose(result.logits, expected, atol=1e-5)
     assert torch.equal(result.success, expected.argmax(1) != y)
+
+
+@pytest.mark.parametrize("cls", [BIM, PGD, MIFGSM])
+def test_early_stop_only_gains(cls, tiny_cnn: nn.Sequential, tiny_batch) -> None:
+    x, y = tiny_batch
+    kwargs = {"eps": 4 / 255, "steps": 6} | ({"seed": 0} if cls is not BIM else {})
+    full = cls(**kwargs)(tiny_cnn, x, y)
+    early = cls(**kwargs, early_stop=True)(tiny_cnn, x, y)
+    # Each image follows the same iterates until it is fooled, so every image the full run
+    # fools is fooled by the early-stopping run too (at that or an earlier iterate).
+    assert not (full.success & ~early.success).any()
+    assert early.success.sum() > 0 and (early.x_adv - x).abs().amax() <= 4 / 255 + 1e-7
+    # The success check reuses the logits of the forward pass that stopped each image.
+    with torch.no_grad():
+        assert torch.allclose(early.logits, tiny_cnn(early.x_adv), atol=1e-5)
+    assert torch.equal(early.success, early.logits.argmax(1) != y)
+
+
+def test_early_stop_skips_finished_images(tiny_cnn: nn.Sequential, tiny_batch) -> None:
+    x, y = tiny_batch
+    seen: list[int] = []
+
+    class Spy(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            if z.requires_grad:
+                seen.append(z.shape[0])
+            return tiny_cnn(z)
+
+    result = BIM(eps=16 / 255, steps=8, early_stop=True)(Spy().eval(), x, y)
+    # Batches shrink as images are fooled, and the loop ends once all of them are.
+    assert seen == sorted(seen, reverse=True) and seen[-1] < seen[0] == len(x)
+    assert result.gradients == len(seen)
+    if result.success.all():
+        assert len(seen) < 8
+
+
+def test_early_stop_targeted_stops_at_the_target(tiny_cnn: nn.Sequential, tiny_batch) -> None:
+    x, y = tiny_batch
+    target = (y + 1) % 10
+    result = PGD(eps=16 / 255, steps=8, seed=0, targeted=True, early_stop=True)(tiny_cnn, x, target)
+    assert torch.equal(result.success, result.logits.argmax(1) == target)
+    assert result.success.any()

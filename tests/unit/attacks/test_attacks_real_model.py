@@ -41,21 +41,23 @@ def test_fgsm_matches_torchattacks(lite0: nn.Module, imagenet_photos) -> None:
     assert torch.equal(ours.success, ~correct(lite0, reference, y))
 
 
+@pytest.mark.parametrize("early_stop", [False, True], ids=["all-steps", "early-stop"])
 def test_pgd_robust_accuracy_matches_torchattacks(
-    lite0: nn.Module, imagenet_photos, lite0_clean_correct: Tensor
+    lite0: nn.Module, imagenet_photos, lite0_clean_correct: Tensor, early_stop: bool
 ) -> None:
     x, y = imagenet_photos
     # A small budget leaves accuracy between 0 and clean, so agreement means something.
     eps, steps, step_size = 0.25 / 255, 3, 0.125 / 255
-    ours = BIM(eps=eps, steps=steps, step_size=step_size)(lite0, x, y)
+    ours = BIM(eps=eps, steps=steps, step_size=step_size, early_stop=early_stop)(lite0, x, y)
     reference = torchattacks.PGD(lite0, eps=eps, alpha=step_size, steps=steps, random_start=False)
     ref_adv = reference(x, y)
     ours_acc = int((~ours.success).sum())
     ref_acc = int(correct(lite0, ref_adv, y).sum())
     log.info(
-        "PGD eps=0.25/255 %d steps: robust %d/20 (ours) vs %d/20 (torchattacks), clean %d/20, "
-        "max |diff| %.3g",
+        "PGD eps=0.25/255 %d steps, early_stop=%s: robust %d/20 (ours) vs %d/20 (torchattacks), "
+        "clean %d/20, max |diff| %.3g",
         steps,
+        early_stop,
         ours_acc,
         ref_acc,
         int(lite0_clean_correct.sum()),
@@ -65,11 +67,21 @@ def test_pgd_robust_accuracy_matches_torchattacks(
     assert ours_acc < int(lite0_clean_correct.sum())
 
 
-def test_pgd_8_over_255_fools_lite0(lite0: nn.Module, imagenet_photos) -> None:
+@pytest.mark.parametrize("early_stop", [False, True], ids=["all-steps", "early-stop"])
+def test_pgd_8_over_255_fools_lite0(lite0: nn.Module, imagenet_photos, early_stop: bool) -> None:
     x, y = imagenet_photos
-    result = PGD(eps=8 / 255, steps=10, seed=0)(lite0, x, y)
+    result = PGD(eps=8 / 255, steps=10, seed=0, early_stop=early_stop)(lite0, x, y)
     robust = int((~result.success).sum())
-    log.info("PGD eps=8/255 10 steps: robust %d/20 in %.1f s", robust, result.seconds)
+    log.info(
+        "PGD eps=8/255 10 steps, early_stop=%s: robust %d/20, %d gradient batches, %.1f s",
+        early_stop,
+        robust,
+        result.gradients,
+        result.seconds,
+    )
     assert robust <= 1
     assert (result.x_adv - x).abs().max() <= 8 / 255 + 1e-6
-    assert result.gradients == 10
+    # Early stopping ends once every image is fooled: an undefended model falls within a few.
+    assert result.gradients < 10 if early_stop and robust == 0 else result.gradients == 10
+    with torch.no_grad():
+        assert torch.allclose(result.logits, lite0(result.x_adv), atol=1e-4)

@@ -9,7 +9,7 @@ import yaml
 from tests.unit.attacks.conftest import make_tiny_cnn, random_images
 from transferlab.attacks import FGSM
 from transferlab.attacks.transfer import transfer_matrix
-from transferlab.config import AttackParams, ParamsError, load_params
+from transferlab.config import AttackParams, Params, ParamsError, load_params
 from transferlab.evaluate import ShardStore, robustness_sweep, sanity_flags
 from transferlab.robustness import Autocast, model_digest
 
@@ -175,6 +175,7 @@ def test_attack_params_validation(tmp_path) -> None:
         "step_size": pytest.approx(1 / 255),
         "restarts": 1,
         "random_start": True,
+        "early_stop": True,
         "seed": 0,
     }
     assert p.attack_kwargs("fgsm") == {}
@@ -201,3 +202,14 @@ def test_plots_exist_without_transfer_or_grid(tmp_path) -> None:
     # the stage declares both outputs, so they are written even when nothing is configured
     assert plot_transfer_matrix([], tmp_path / "t.png").stat().st_size > 0
     assert plot_adversarial_grid([], tmp_path / "g.png").stat().st_size > 0
+
+
+def test_transfer_crafting_takes_every_step() -> None:
+    from transferlab.robustness import transfer_attack
+
+    p = Params.model_validate(
+        {"attack": {"mifgsm": {"steps": 4}, "transfer": {"sources": ["svm"], "attack": "mifgsm"}}}
+    )
+    assert p.attack.mifgsm.early_stop  # the evaluation stops early by default...
+    attack = transfer_attack(p)
+    assert attack.steps == 4 and not attack.early_stop  # ...crafting for transfer never does
