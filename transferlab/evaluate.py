@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from transferlab.atomic import atomic_write
-from transferlab.attacks import BLACKBOX_ATTACKS, Attack, make_attack
+from transferlab.attacks import BLACKBOX_ATTACKS, Attack, AttackResult, make_attack, sweep
 from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
@@ -81,23 +81,28 @@ def robustness_sweep(
     with progress(total=total, unit="batch", desc=f"attack {label}".strip()) as bar:
         for name in attacks:
             is_targeted = name in targeted
-            for e in eps:
-                attack = make_attack(name, eps=e, targeted=is_targeted, **options.get(name, {}))
-                shards = []
-                for i in range(0, len(x01), batch_size):
-                    xb, yb = x01[i : i + batch_size], y[i : i + batch_size]
-                    goal = least_likely[i : i + batch_size] if is_targeted else yb
-                    key = shard_key(model_key, attack, xb, goal)
-                    shard = store.get(key) if store is not None else None
-                    if shard is None:
-                        shard = run_shard(model, attack, xb, goal)
-                        if store is not None:
-                            store.put(key, shard)
-                    else:
-                        reused += 1
-                    shards.append(shard)
-                    bar.update(1)
-                rows.append(_row(name, e, shards, y, correct, clean_acc, targeted=is_targeted))
+            sweep_attacks = [
+                make_attack(name, eps=e, targeted=is_targeted, **options.get(name, {})) for e in eps
+            ]
+            shards: list[list[dict]] = [[] for _ in eps]  # per eps, per batch
+            # Batch by batch, every eps at once: FGSM's eps share one gradient (FGSM.sweep).
+            for i in range(0, len(x01), batch_size):
+                xb, yb = x01[i : i + batch_size], y[i : i + batch_size]
+                goal = least_likely[i : i + batch_size] if is_targeted else yb
+                keys = [shard_key(model_key, a, xb, goal) for a in sweep_attacks]
+                found = [store.get(k) if store is not None else None for k in keys]
+                todo = [j for j, shard in enumerate(found) if shard is None]
+                reused += len(found) - len(todo)
+                fresh = run_shards(model, [sweep_attacks[j] for j in todo], xb, goal)
+                for j, shard in zip(todo, fresh, strict=True):
+                    found[j] = shard
+                    if store is not None:
+                        store.put(keys[j], shard)
+                for per_eps, shard in zip(shards, found, strict=True):
+                    per_eps.append(shard)
+                bar.update(len(eps))
+            for e, per_eps in zip(eps, shards, strict=True):
+                rows.append(_row(name, e, per_eps, y, correct, clean_acc, targeted=is_targeted))
     after = model.state_dict()
     unchanged = not any(m.training for m in model.modules()) and all(
         torch.equal(before[k], after[k]) for k in before
@@ -117,9 +122,13 @@ def logits(model: nn.Module, x01: Tensor, *, batch_size: int = 32) -> Tensor:
         )
 
 
-def run_shard(model: nn.Module, attack: Attack, x01: Tensor, goal: Tensor) -> dict:
-    """Attack one batch; a JSON-able record of what the metrics need (no images)."""
-    res = attack(model, x01, goal)
+def run_shards(model: nn.Module, attacks: list[Attack], x01: Tensor, goal: Tensor) -> list[dict]:
+    """Attack one batch with each attack (``attacks.sweep``: one gradient for FGSM's eps)."""
+    return [shard_record(x01, res) for res in sweep(model, x01, goal, attacks)]
+
+
+def shard_record(x01: Tensor, res: AttackResult) -> dict:
+    """What the metrics need of one attacked batch, JSON-able (no images)."""
     out = res.logits.softmax(1)  # the attack's own success check; no second forward pass
     delta = (res.x_adv - x01).flatten(1)
     return {

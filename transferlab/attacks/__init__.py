@@ -32,6 +32,7 @@ from transferlab.attacks.gradient import (
     PGDL2,
     ProjectedGradient,
     make_attack,
+    sweep,
 )
 
 # One registry for make_attack; black-box classes live in their own module.
@@ -60,4 +61,5 @@ __all__ = [
     "Square",
     "make_attack",
     "project",
+    "sweep",
 ]

@@ -150,6 +150,28 @@ def _frozen_parameters(model: nn.Module) -> Iterator[None]:
             p.requires_grad_(flag)
 
 
+@contextmanager
+def attacking(model: nn.Module, x: Tensor, y: Tensor) -> Iterator[tuple[Tensor, Tensor]]:
+    """Check the model and inputs and set up autograd for attacking; yields float32 ``x`` and
+    int64 ``y`` copies on x's device.
+
+    Raises:
+        ValueError: if the model (or any submodule) is in training mode, the inputs are out of
+            range or the shapes do not match.
+    """
+    training = [name or "<model>" for name, m in model.named_modules() if m.training]
+    if training:
+        raise ValueError(
+            f"model must be in eval mode (call model.eval()); in training mode: {training[:5]}"
+        )
+    # Tensors made under inference_mode cannot enter autograd, so leave it and clone.
+    with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
+        x = x.detach().to(torch.float32).clone()
+        y = y.detach().to(device=x.device, dtype=torch.int64).clone()
+        Attack._check_inputs(x, y)
+        yield x, y
+
+
 class Attack:
     """Base class of all attacks. Hyperparameters at construction, model at call.
 
@@ -212,16 +234,7 @@ class Attack:
                 of range or the shapes do not match.
         """
         start = time.perf_counter()
-        training = [name or "<model>" for name, m in model.named_modules() if m.training]
-        if training:
-            raise ValueError(
-                f"model must be in eval mode (call model.eval()); in training mode: {training[:5]}"
-            )
-        # Tensors made under inference_mode cannot enter autograd, so leave it and clone.
-        with torch.inference_mode(False), torch.enable_grad(), _frozen_parameters(model):
-            x = x.detach().to(torch.float32).clone()
-            y = y.detach().to(device=x.device, dtype=torch.int64).clone()
-            self._check_inputs(x, y)
+        with attacking(model, x, y) as (x, y):
             counter = CallCounter(model, x.shape[0], x.device)
             if self.eps == 0 or x.shape[0] == 0:
                 found = Candidates.unevaluated(x.clone())
@@ -229,8 +242,23 @@ class Attack:
                 found = self.run(counter, x, y)
                 if not isinstance(found, Candidates):
                     found = Candidates.unevaluated(found)
-            x_adv, logits = self._checked(model, x, found)
-            pred = logits.argmax(dim=1)
+            return self.result(model, x, y, found, counter, start=start)
+
+    def result(
+        self,
+        model: nn.Module,
+        x: Tensor,
+        y: Tensor,
+        found: Candidates,
+        counter: CallCounter,
+        *,
+        start: float,
+    ) -> AttackResult:
+        """The checked result of candidates ``found`` for ``(x, y)``: projected onto the
+        eps-ball and [0, 1], with success flags from the model's logits on them. Call it inside
+        ``attacking``; ``start`` is the ``time.perf_counter()`` the attack began at."""
+        x_adv, logits = self._checked(model, x, found)
+        pred = logits.argmax(dim=1)
         success = pred == y if self.targeted else pred != y
         result = AttackResult(
             x_adv=x_adv,

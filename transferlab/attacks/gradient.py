@@ -10,12 +10,22 @@ from __future__ import annotations
 
 import inspect
 import logging
+import time
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from transferlab.attacks.base import NORMS, Attack, Candidates, project
+from transferlab.attacks.base import (
+    NORMS,
+    Attack,
+    AttackResult,
+    CallCounter,
+    Candidates,
+    attacking,
+    project,
+)
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +239,53 @@ class FGSM(ProjectedGradient):
             restarts=1,
             norm="linf",
         )
+
+    @staticmethod
+    def sweep(
+        model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[FGSM]
+    ) -> list[AttackResult]:
+        """Each of ``attacks`` (any eps, one ``targeted``) on ``(x, y)`` from one gradient.
+
+        FGSM's direction, the sign of the loss gradient at x, does not depend on eps, so a sweep
+        over E budgets costs one forward-backward pass and E success checks, not E of each; eps
+        0 reuses that pass's logits and costs nothing. The adversarials are bit-identical to
+        calling each attack; each result with eps > 0 reports the one (shared) gradient, and
+        every result its share of the time. Shapes and errors as in ``Attack.__call__``.
+        """
+        if len({a.targeted for a in attacks}) > 1:
+            raise ValueError("an FGSM sweep needs one `targeted` for all its attacks")
+        start = time.perf_counter()
+        with attacking(model, x, y) as (x, y):
+            counter = CallCounter(model, x.shape[0], x.device)
+            clean = Candidates.unevaluated(x)
+            grad = None
+            if x.shape[0] and any(a.eps > 0 for a in attacks):
+                grad, clean.logits = attacks[0]._loss_gradient(counter, x, y)
+                clean.known[:] = True
+            share = (time.perf_counter() - start) / len(attacks)
+            results = []
+            for a in attacks:
+                began = time.perf_counter() - share
+                if a.eps == 0 or grad is None:
+                    # as in Attack.__call__, eps 0 takes no gradient: x is its own adversarial
+                    found = Candidates(x.clone(), clean.logits, clean.known)
+                    idle = CallCounter(model, x.shape[0], x.device)
+                    results.append(a.result(model, x, y, found, idle, start=began))
+                    continue
+                found = Candidates.unevaluated(
+                    project(x, x + a.step_size * a._direction(grad), **a._ball())
+                )
+                results.append(a.result(model, x, y, found, counter, start=began))
+        return results
+
+
+def sweep(model: nn.Module, x: Tensor, y: Tensor, attacks: Sequence[Attack]) -> list[AttackResult]:
+    """Each of ``attacks`` on ``(x, y)``, in order; FGSMs that differ only in eps share one
+    gradient (``FGSM.sweep``)."""
+    fgsm = [a for a in attacks if type(a) is FGSM]
+    if len(fgsm) < 2 or len(fgsm) < len(attacks) or len({a.targeted for a in fgsm}) > 1:
+        return [a(model, x, y) for a in attacks]
+    return FGSM.sweep(model, x, y, fgsm)
 
 
 class BIM(ProjectedGradient):

@@ -19,6 +19,7 @@ from transferlab.attacks import (
     ProjectedGradient,
     make_attack,
     project,
+    sweep,
 )
 
 EPS_BY_NORM = {"linf": [0.0, 1 / 255, 8 / 255, 0.3], "l2": [0.0, 0.1, 1.0, 5.0]}
@@ -335,3 +336,35 @@ def test_early_stop_targeted_stops_at_the_target(tiny_cnn: nn.Sequential, tiny_b
     result = PGD(eps=16 / 255, steps=8, seed=0, targeted=True, early_stop=True)(tiny_cnn, x, target)
     assert torch.equal(result.success, result.logits.argmax(1) == target)
     assert result.success.any()
+
+
+@pytest.mark.parametrize("targeted", [False, True])
+def test_fgsm_sweep_is_one_gradient_and_bit_identical(
+    tiny_cnn: nn.Sequential, tiny_batch, targeted: bool
+) -> None:
+    x, y = tiny_batch
+    calls: list[bool] = []
+
+    class Spy(nn.Module):
+        def forward(self, z: torch.Tensor) -> torch.Tensor:
+            calls.append(z.requires_grad)
+            return tiny_cnn(z)
+
+    model = Spy().eval()
+    attacks = [FGSM(eps=e, targeted=targeted) for e in (0.0, 1 / 255, 4 / 255, 8 / 255)]
+    swept = sweep(model, x, y, attacks)
+    # One forward-backward pass, and one success check per nonzero eps (eps 0 reuses the pass).
+    assert calls == [True, False, False, False]
+    for attack, res in zip(attacks, swept, strict=True):
+        alone = attack(tiny_cnn, x, y)
+        assert torch.equal(res.x_adv, alone.x_adv) and torch.equal(res.success, alone.success)
+        assert torch.allclose(res.logits, alone.logits, atol=1e-6)
+        assert res.gradients == alone.gradients and res.seconds > 0
+    assert torch.equal(swept[0].x_adv, x)
+
+
+def test_sweep_runs_other_attacks_one_by_one(tiny_cnn: nn.Sequential, tiny_batch) -> None:
+    x, y = tiny_batch
+    attacks = [PGD(eps=4 / 255, steps=2, seed=0), FGSM(eps=4 / 255)]
+    for res, attack in zip(sweep(tiny_cnn, x, y, attacks), attacks, strict=True):
+        assert torch.equal(res.x_adv, attack(tiny_cnn, x, y).x_adv)

@@ -213,3 +213,21 @@ def test_transfer_crafting_takes_every_step() -> None:
     assert p.attack.mifgsm.early_stop  # the evaluation stops early by default...
     attack = transfer_attack(p)
     assert attack.steps == 4 and not attack.early_stop  # ...crafting for transfer never does
+
+
+def test_fgsm_eps_share_one_gradient_and_resume_per_eps(data, tmp_path) -> None:
+    model, x, y = data
+    eps = (0.0, 2 / 255, 8 / 255)
+    batches = -(-len(x) // 16)
+    store, key = ShardStore(tmp_path / "work"), model_digest(model)
+    kwargs = dict(attacks=("fgsm",), batch_size=16, model_key=key)
+    # "killed" after the first eps: its shards exist, the others are computed on resume
+    robustness_sweep(model, x, y, eps=eps[1:2], store=store, **kwargs)
+    stamps = {p: p.stat().st_mtime_ns for p in store.folder.rglob("*.json")}
+    swept = robustness_sweep(model, x, y, eps=eps, store=store, **kwargs)
+    assert len(list(store.folder.rglob("*.json"))) == batches * len(eps)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    alone = [robustness_sweep(model, x, y, eps=(e,), **kwargs)[0] for e in eps]
+    # The same numbers as attacking at each eps on its own (the time is a share of the pass).
+    assert [{**r, "seconds": 0} for r in swept] == [{**r, "seconds": 0} for r in alone]
+    assert [r["gradient_batches"] for r in swept] == [0, batches, batches]
