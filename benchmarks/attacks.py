@@ -9,7 +9,10 @@ Reports:
       interleaved runs of each, so a busy machine hurts both alike. Our call also returns which
       images were fooled (one more forward pass, whose logits the pipeline reuses); torchattacks
       returns only the images, so the ratio is given twice: against torchattacks alone, and
-      against torchattacks plus the forward pass that tells success;
+      against torchattacks plus the forward pass that tells success. Rows: FGSM at one eps;
+      FGSM over the 4 nonzero eps of params.yaml's sweep (ours: one gradient, ``sweep``);
+      PGD-10 taking every step (torchattacks' semantics) and with ``early_stop`` (the
+      pipeline's default), with the robust accuracy of each beside torchattacks';
     * queries to reach 50% success (the median per-image query count, an image that is never
       fooled counting as infinite) for Square and NES at eps 4/255 and 8/255. torchattacks'
       Square reports no per-image counts, so for it we double the budget from 10 until half the
@@ -35,7 +38,7 @@ import torchattacks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from transferlab.attacks import FGSM, NES, PGD, Square  # noqa: E402
+from transferlab.attacks import FGSM, NES, PGD, Square, sweep  # noqa: E402
 
 
 def load(model_name: str, n: int, device: str):
@@ -96,20 +99,40 @@ def main() -> None:
     report: dict = {"model": args.model, "images": len(x), "device": args.device}
 
     eps = 8 / 255
+    sweep_eps = [1 / 255, 2 / 255, 4 / 255, 8 / 255]  # params.yaml's sweep, eps 0 left out
+
+    def pgd(early_stop: bool):
+        return PGD(eps=eps, steps=10, step_size=2 / 255, seed=0, early_stop=early_stop)
+
+    # name -> (ours, torchattacks, torchattacks + the forward pass that tells success)
     pairs = {
         "fgsm": (
             lambda: FGSM(eps=eps)(model, x, y),
             lambda: torchattacks.FGSM(model, eps=eps)(x, y),
         ),
+        "fgsm_sweep4": (
+            lambda: sweep(model, x, y, [FGSM(eps=e) for e in sweep_eps]),
+            lambda: [torchattacks.FGSM(model, eps=e)(x, y) for e in sweep_eps],
+        ),
         "pgd10": (
-            lambda: PGD(eps=eps, steps=10, step_size=2 / 255, seed=0)(model, x, y),
+            lambda: pgd(early_stop=False)(model, x, y),
+            lambda: torchattacks.PGD(model, eps=eps, alpha=2 / 255, steps=10)(x, y),
+        ),
+        "pgd10_early_stop": (
+            lambda: pgd(early_stop=True)(model, x, y),
             lambda: torchattacks.PGD(model, eps=eps, alpha=2 / 255, steps=10)(x, y),
         ),
     }
+    for key, early_stop in (("pgd10", False), ("pgd10_early_stop", True)):
+        ours_acc = 1 - pgd(early_stop)(model, x, y).success_rate
+        ref_acc = 1 - fooled(model, pairs[key][1](), y)
+        report[f"{key}_robust_accuracy"] = {"ours": ours_acc, "torchattacks": ref_acc}
+        print(f"{key}: robust accuracy ours {ours_acc:.3f}, torchattacks {ref_acc:.3f}")
     for name, (ours, ref) in pairs.items():
 
         def ref_checked(ref=ref):
-            return fooled(model, ref(), y)
+            adv = ref()
+            return [fooled(model, a, y) for a in (adv if isinstance(adv, list) else [adv])]
 
         ours(), ref()  # warm-up
         times: dict[str, list[float]] = {"ours": [], "torchattacks": [], "checked": []}
