@@ -80,6 +80,13 @@ def build_task_runner(runner: RunnerParams):
     )
 
 
+def scratch_dir(task_runner) -> str | None:
+    """The scratch folder ``build_task_runner`` made for a local Dask or Ray cluster, if any."""
+    dask = getattr(task_runner, "cluster_kwargs", None) or {}
+    ray = getattr(task_runner, "init_kwargs", None) or {}
+    return dask.get("local_directory") or ray.get("_temp_dir")
+
+
 @flow(name="transferlab-features")
 def feature_shards(params_path: str, workdir: str, shards: int) -> list[dict]:
     """Fill the feature cache for every shard of the manifest, in parallel on the task runner."""
@@ -100,9 +107,7 @@ def run_feature_shards(params_path: str, workdir: str) -> list[dict]:
             params_path, workdir, n_shards(runner)
         )
     finally:
-        scratch = (getattr(task_runner, "cluster_kwargs", None) or {}).get("local_directory") or (
-            getattr(task_runner, "init_kwargs", None) or {}
-        ).get("_temp_dir")
+        scratch = scratch_dir(task_runner)
         if scratch:
             shutil.rmtree(scratch, ignore_errors=True)
     images = sum(r["images"] for r in results)

@@ -1,12 +1,16 @@
-"""The flow's feature shards on real Dask clusters give the local features (float tolerance)."""
+"""Feature shards on real Dask and Ray clusters give the local features (float tolerance)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,6 +28,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(autouse=True)
+def restore_environ():
+    """Each test leaves os.environ as it found it: a local Dask cluster writes its workers'
+    settings into this process (OMP_NUM_THREADS=1, PYTHONHASHSEED, ...) and a local Ray its own,
+    and every later subprocess (the Ray head, other modules' CLI runs) would inherit them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def wait_for_workers(address: str, n: int, timeout: float = 120) -> None:
@@ -97,6 +112,81 @@ def dask_cluster(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def ray_env():
+    """Ray on loopback only, without usage stats, with its auth token in the environment instead
+    of ~/.ray/auth_token. Set before this process imports ray, which reads them then."""
+    with pytest.MonkeyPatch.context() as mp:
+        # one node: Ray keeps 127.0.0.1 instead of swapping in the machine's address
+        mp.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("RAY_AUTH_MODE", "token")
+        mp.setenv("RAY_AUTH_TOKEN", secrets.token_hex(16))
+        mp.delenv("RAY_ADDRESS", raising=False)
+        yield
+
+
+@pytest.fixture(scope="module")
+def ray_head(ray_env):
+    """A real `ray start --head` on 127.0.0.1 with 2 CPUs; yields its Ray Client address."""
+    # short: Ray's unix sockets live under it and their paths must stay under 108 bytes
+    scratch = Path(tempfile.mkdtemp(prefix="transferlab-ray-"))
+    port, client_port = free_port(), free_port()
+    env = {
+        **os.environ,
+        # the workers import tasks/ and transferlab/ from this checkout
+        "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+        # the Ray Client proxy forks a server per client while its gRPC threads run; with gRPC's
+        # fork handlers on, about 1 in 5 of those servers died at birth here (ray 2.60, grpcio
+        # 1.85): "Starting Ray client server failed", empty logs
+        "GRPC_ENABLE_FORK_SUPPORT": "false",
+    }
+    head = subprocess.Popen(
+        [
+            Path(sys.executable).parent / "ray",
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--ray-client-server-port",
+            str(client_port),
+            "--num-cpus",
+            "2",
+            "--include-dashboard",
+            "false",
+            "--disable-usage-stats",
+            "--temp-dir",
+            str(scratch),
+        ],
+        env=env,
+        cwd=scratch,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        # its own process group: the teardown can end the head and everything it started
+        start_new_session=True,
+    )
+    try:
+        # `ray start` writes the cluster's address once the head is up
+        deadline = time.monotonic() + 120
+        while not (scratch / "ray_current_cluster").exists():
+            assert head.poll() is None, f"ray start exited with {head.returncode}"
+            assert time.monotonic() < deadline, "the Ray head did not start in 120 s"
+            time.sleep(0.2)
+        yield f"ray://127.0.0.1:{client_port}"
+    finally:
+        head.terminate()  # `ray start --block` stops its processes on SIGTERM
+        try:
+            head.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        with contextlib.suppress(ProcessLookupError):  # whatever outlived it
+            os.killpg(head.pid, signal.SIGKILL)
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
 def prefect_api():
     from prefect.testing.utilities import prefect_test_harness
 
@@ -146,4 +236,26 @@ def test_local_dask_cluster_gives_the_local_features(
         tmp_path / "ws", tiny_dataset, {"kind": "dask", "workers": 2}
     )
     assert len(shards) == 2 and summary["cache_hits"] == 24, time.perf_counter() - start
+    np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
+
+
+def test_local_ray_gives_the_local_features(
+    tmp_path, tiny_dataset, ray_env, prefect_api, local_features
+):
+    summary, feats, shards = run_through(
+        tmp_path / "ws", tiny_dataset, {"kind": "ray", "workers": 2}
+    )
+    assert len(shards) == 2 and summary["cache_hits"] == summary["images"] == 24
+    np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
+
+
+def test_external_ray_cluster_gives_the_local_features(
+    tmp_path, tiny_dataset, ray_head, prefect_api, local_features
+):
+    summary, feats, shards = run_through(
+        tmp_path / "ws", tiny_dataset, {"kind": "ray", "address": ray_head, "shards": 2}
+    )
+    assert len(shards) == 2 and sum(s["images"] for s in shards) == 24
+    # every image was computed on the cluster; the stage only assembled
+    assert summary["cache_hits"] == summary["images"] == 24
     np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)

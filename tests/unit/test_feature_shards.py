@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from tests.conftest import tiny_params, write_workspace
@@ -42,12 +44,12 @@ def test_shard_membership_is_by_content_so_new_images_never_move_old_ones():
     assert all(stages.shard_of(s, 4) == int(s[:8], 16) % 4 for s in shas)
 
 
-def test_runner_section_picks_the_task_runner_and_shard_count():
+def test_runner_section_picks_the_task_runner_and_shard_count(monkeypatch):
     from prefect.task_runners import ThreadPoolTaskRunner
     from prefect_dask import DaskTaskRunner
     from prefect_ray import RayTaskRunner
 
-    from flows.features import build_task_runner, n_shards
+    from flows.features import build_task_runner, n_shards, scratch_dir
     from transferlab.config import RunnerParams
 
     local = RunnerParams()
@@ -63,3 +65,13 @@ def test_runner_section_picks_the_task_runner_and_shard_count():
     ray = build_task_runner(RunnerParams(kind="ray", address="ray://127.0.0.1:1", shards=5))
     assert isinstance(ray, RayTaskRunner) and ray.address == "ray://127.0.0.1:1"
     assert n_shards(RunnerParams(kind="ray", shards=5)) == 5
+    # a local Ray of its own, on loopback, without a dashboard or the shared /tmp/ray
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", raising=False)
+    local_ray = build_task_runner(RunnerParams(kind="ray", workers=3))
+    assert local_ray.address == "local" and os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] == "0"
+    assert local_ray.init_kwargs["num_cpus"] == 3 and not local_ray.init_kwargs["include_dashboard"]
+    assert "transferlab-ray-" in local_ray.init_kwargs["_temp_dir"]
+    assert scratch_dir(local_ray) == local_ray.init_kwargs["_temp_dir"]
+    assert scratch_dir(runner) == runner.cluster_kwargs["local_directory"]
+    for made in (scratch_dir(local_ray), scratch_dir(runner)):
+        os.rmdir(made)
