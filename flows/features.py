@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from prefect import flow, unmapped
@@ -87,6 +89,19 @@ def scratch_dir(task_runner) -> str | None:
     return dask.get("local_directory") or ray.get("_temp_dir")
 
 
+@contextmanager
+def restored_environ() -> Iterator[None]:
+    """Put os.environ back as it was: a local Dask cluster writes its workers' settings into
+    this process (OMP_NUM_THREADS=1, ...), and later stages' subprocesses would inherit them."""
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+
 @flow(name="transferlab-features")
 def feature_shards(params_path: str, workdir: str, shards: int) -> list[dict]:
     """Fill the feature cache for every shard of the manifest, in parallel on the task runner."""
@@ -101,15 +116,16 @@ def run_feature_shards(params_path: str, workdir: str) -> list[dict]:
     and record the summed hit rate in the cache folder (``transferlab cache info``)."""
     params = load_params(params_path)
     runner = params.runner
-    task_runner = build_task_runner(runner)
-    try:
-        results = feature_shards.with_options(task_runner=task_runner)(
-            params_path, workdir, n_shards(runner)
-        )
-    finally:
-        scratch = scratch_dir(task_runner)
-        if scratch:
-            shutil.rmtree(scratch, ignore_errors=True)
+    with restored_environ():
+        task_runner = build_task_runner(runner)
+        try:
+            results = feature_shards.with_options(task_runner=task_runner)(
+                params_path, workdir, n_shards(runner)
+            )
+        finally:
+            scratch = scratch_dir(task_runner)
+            if scratch:
+                shutil.rmtree(scratch, ignore_errors=True)
     images = sum(r["images"] for r in results)
     hits = sum(r["cache_hits"] for r in results)
     record_run(

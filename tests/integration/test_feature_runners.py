@@ -232,9 +232,12 @@ def test_local_dask_cluster_gives_the_local_features(
     tmp_path, tiny_dataset, prefect_api, local_features
 ):
     start = time.perf_counter()
+    before = dict(os.environ)
     summary, feats, shards = run_through(
         tmp_path / "ws", tiny_dataset, {"kind": "dask", "workers": 2}
     )
+    # the cluster's worker settings (OMP_NUM_THREADS=1, ...) do not stay in this process
+    assert dict(os.environ) == before
     assert len(shards) == 2 and summary["cache_hits"] == 24, time.perf_counter() - start
     np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
 
