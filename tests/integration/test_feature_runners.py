@@ -216,49 +216,26 @@ def run_through(ws: Path, tiny_dataset, runner: dict) -> tuple[dict, np.ndarray,
         return summary, z["features"], shards
 
 
-def test_external_dask_cluster_gives_the_local_features(
-    tmp_path, tiny_dataset, dask_cluster, prefect_api, local_features
-):
-    summary, feats, shards = run_through(
-        tmp_path / "ws", tiny_dataset, {"kind": "dask", "address": dask_cluster, "shards": 2}
-    )
-    assert len(shards) == 2 and sum(s["images"] for s in shards) == 24
-    # every image was computed on the cluster; the stage only assembled
-    assert summary["cache_hits"] == summary["images"] == 24
-    np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
+# runner -> (the fixture giving its cluster address, or None; the params.yaml runner section)
+RUNNERS = {
+    "external-dask": ("dask_cluster", lambda at: {"kind": "dask", "address": at, "shards": 2}),
+    "local-dask": (None, lambda _: {"kind": "dask", "workers": 2}),
+    "local-ray": ("ray_env", lambda _: {"kind": "ray", "workers": 2}),
+    "external-ray": ("ray_head", lambda at: {"kind": "ray", "address": at, "shards": 2}),
+}
 
 
-def test_local_dask_cluster_gives_the_local_features(
-    tmp_path, tiny_dataset, prefect_api, local_features
+@pytest.mark.parametrize("name", list(RUNNERS))
+def test_runner_gives_the_local_features(
+    name, request, tmp_path, tiny_dataset, prefect_api, local_features
 ):
-    start = time.perf_counter()
+    fixture, runner = RUNNERS[name]
+    cluster = request.getfixturevalue(fixture) if fixture else None
     before = dict(os.environ)
-    summary, feats, shards = run_through(
-        tmp_path / "ws", tiny_dataset, {"kind": "dask", "workers": 2}
-    )
-    # the cluster's worker settings (OMP_NUM_THREADS=1, ...) do not stay in this process
-    assert dict(os.environ) == before
-    assert len(shards) == 2 and summary["cache_hits"] == 24, time.perf_counter() - start
-    np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
-
-
-def test_local_ray_gives_the_local_features(
-    tmp_path, tiny_dataset, ray_env, prefect_api, local_features
-):
-    summary, feats, shards = run_through(
-        tmp_path / "ws", tiny_dataset, {"kind": "ray", "workers": 2}
-    )
-    assert len(shards) == 2 and summary["cache_hits"] == summary["images"] == 24
-    np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
-
-
-def test_external_ray_cluster_gives_the_local_features(
-    tmp_path, tiny_dataset, ray_head, prefect_api, local_features
-):
-    summary, feats, shards = run_through(
-        tmp_path / "ws", tiny_dataset, {"kind": "ray", "address": ray_head, "shards": 2}
-    )
+    summary, feats, shards = run_through(tmp_path / "ws", tiny_dataset, runner(cluster))
     assert len(shards) == 2 and sum(s["images"] for s in shards) == 24
-    # every image was computed on the cluster; the stage only assembled
+    # every image was computed by the runner's workers; the stage only assembled
     assert summary["cache_hits"] == summary["images"] == 24
     np.testing.assert_allclose(feats, local_features, rtol=1e-4, atol=1e-5)
+    # a local cluster's worker settings (OMP_NUM_THREADS=1, ...) do not stay in this process
+    assert dict(os.environ) == before
