@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar, final
@@ -70,6 +70,22 @@ class Candidates:
     @classmethod
     def unevaluated(cls, x_adv: Tensor) -> Candidates:
         return cls(x_adv, None, torch.zeros(x_adv.shape[0], dtype=torch.bool, device=x_adv.device))
+
+    def all_logits(self, forward: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+        """(N, K) float logits on every candidate: the known rows as they are, and
+        ``forward(x_rows, rows)`` (without gradients) for the others."""
+        known = self.known if self.logits is not None else torch.zeros_like(self.known)
+        with torch.no_grad():
+            if not known.any():
+                rows = torch.arange(self.x_adv.shape[0], device=self.x_adv.device)
+                return forward(self.x_adv, rows).float()
+            logits = self.logits.detach().float()
+            if known.all():
+                return logits
+            logits = logits.clone()
+            rows = (~known).nonzero().squeeze(1)
+            logits[rows] = forward(self.x_adv[rows], rows).float()
+        return logits
 
 
 def project(x: Tensor, x_adv: Tensor, *, eps: float, norm: str) -> Tensor:
@@ -258,8 +274,7 @@ class Attack:
         eps-ball and [0, 1], with success flags from the model's logits on them. Call it inside
         ``attacking``; ``start`` is the ``time.perf_counter()`` the attack began at."""
         x_adv, logits = self._checked(model, x, found)
-        pred = logits.argmax(dim=1)
-        success = pred == y if self.targeted else pred != y
+        success = self._adversarial(logits.argmax(dim=1), y)
         result = AttackResult(
             x_adv=x_adv,
             success=success,
@@ -294,17 +309,12 @@ class Attack:
         known = found.known.to(x.device)
         if found.logits is not None and known.any():
             known = known & (projected == x_adv).flatten(1).all(dim=1)
-        else:
-            known = torch.zeros_like(known)
-        with torch.no_grad():
-            if not known.any():
-                return projected, model(projected).float()
-            if known.all():
-                return projected, found.logits.detach().float()
-            logits = found.logits.detach().float().clone()
-            todo = (~known).nonzero().squeeze(1)
-            logits[todo] = model(projected[todo]).float()
-        return projected, logits
+        checked = Candidates(projected, found.logits, known)
+        return projected, checked.all_logits(lambda xs, _rows: model(xs))
+
+    def _adversarial(self, pred: Tensor, y: Tensor) -> Tensor:
+        """Which predicted labels count as a success: untargeted != y, targeted == y."""
+        return pred == y if self.targeted else pred != y
 
     @staticmethod
     def _check_inputs(x: Tensor, y: Tensor) -> None:

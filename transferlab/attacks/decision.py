@@ -76,11 +76,11 @@ class HopSkipJump(BlackBoxAttack):
     def search(self, predict: ScoreOracle, x: Tensor, y: Tensor, generator) -> Tensor:
         x_adv = x.clone()
         labels = predict(x).argmax(1)
-        fooled = labels == y if self.targeted else labels != y
+        fooled = self._adversarial(labels, y)
         for i in torch.nonzero(~fooled).flatten().tolist():
             # Another image of the batch that the clean check already saw on the adversarial
             # side is a free start (the nearest one); random noise only where none is.
-            other = labels == y[i] if self.targeted else labels != y[i]
+            other = self._adversarial(labels, y[i])
             start = None
             if other.any():
                 far = (x[other] - x[i]).flatten(1).abs().amax(1)
@@ -90,16 +90,12 @@ class HopSkipJump(BlackBoxAttack):
 
     # ------------------------------------------------------------------ one image
 
-    def _fooled(self, scores: Tensor, y: Tensor) -> Tensor:
-        pred = scores.argmax(1)
-        return pred == y if self.targeted else pred != y
-
     def _ask(self, predict: ScoreOracle, candidates: Tensor, y: Tensor, i: int) -> Tensor:
         """(M,) bool: which candidates of image ``i`` are adversarial; labels only."""
         if int(predict.remaining()[i]) < len(candidates):
             raise _OutOfQueries
         index = torch.full((len(candidates),), i, dtype=torch.int64, device=candidates.device)
-        return self._fooled(predict(candidates, index), y.expand(len(candidates)))
+        return self._adversarial(predict(candidates, index).argmax(1), y)
 
     def _attack_one(self, predict, x: Tensor, y: Tensor, i: int, generator, start) -> Tensor:
         d = x.numel()

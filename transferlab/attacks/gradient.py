@@ -118,11 +118,11 @@ class ProjectedGradient(Attack):
             if todo.numel() == 0:
                 break
             run = self._descend(model, x[todo], y[todo], generator)
-            logits = self._score(model, run, todo)
+            logits = run.all_logits(lambda xs, rows, todo=todo: model(xs, index=todo[rows]))
             if best_logits is None:
                 best_logits = logits.new_zeros(x.shape[0], logits.shape[1])
             loss = self._signed_loss(logits, y[todo], reduction="none")
-            success = self._succeeded(logits, y[todo])
+            success = self._adversarial(logits.argmax(1), y[todo])
             # otherwise the higher loss (or a success) wins
             better = success | (loss > best_loss[todo])
             rows = todo[better]
@@ -130,24 +130,6 @@ class ProjectedGradient(Attack):
             best_loss[rows], kept[rows] = loss[better], True
             found[todo[success]] = True
         return Candidates(best, best_logits, kept)
-
-    @staticmethod
-    def _score(model: nn.Module, run: Candidates, index: Tensor) -> Tensor:
-        """(n, K) logits on all of ``run.x_adv``: the known rows as they are, one query per
-        image (rows ``index`` of the batch) for the others."""
-        if run.logits is not None and run.known.all():
-            return run.logits
-        with torch.no_grad():
-            if run.logits is None:
-                return model(run.x_adv, index=index).float()
-            logits = run.logits.clone()
-            todo = (~run.known).nonzero().squeeze(1)
-            logits[todo] = model(run.x_adv[todo], index=index[todo]).float()
-        return logits
-
-    def _succeeded(self, logits: Tensor, y: Tensor) -> Tensor:
-        pred = logits.argmax(dim=1)
-        return pred == y if self.targeted else pred != y
 
     def _descend(
         self, model: nn.Module, x: Tensor, y: Tensor, generator: torch.Generator | None
@@ -165,7 +147,7 @@ class ProjectedGradient(Attack):
         for _ in range(self.steps):
             grad, logits = self._loss_gradient(model, xs, ys)
             if self.early_stop:
-                done = self._succeeded(logits, ys)
+                done = self._adversarial(logits.argmax(1), ys)
                 if done.any():
                     if out.logits is None:
                         out.logits = logits.new_zeros(x.shape[0], logits.shape[1])
