@@ -32,13 +32,12 @@ def free_port() -> int:
 
 @pytest.fixture(autouse=True)
 def restore_environ():
-    """Each test leaves os.environ as it found it: a local Dask cluster writes its workers'
-    settings into this process (OMP_NUM_THREADS=1, PYTHONHASHSEED, ...) and a local Ray its own,
-    and every later subprocess (the Ray head, other modules' CLI runs) would inherit them."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
+    """Each test leaves os.environ as it found it, even when it fails halfway: later modules'
+    subprocesses would inherit a leak. The same guard the flow puts around its runners."""
+    from flows.features import restored_environ
+
+    with restored_environ():
+        yield
 
 
 def wait_for_workers(address: str, n: int, timeout: float = 120) -> None:
