@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 from tqdm.auto import tqdm
 
-__all__ = ["Throttle", "logs_above_bars", "progress", "progress_disabled"]
+__all__ = ["Throttle", "logs_above_bars", "progress", "progress_disabled", "show_fit"]
 
 
 def progress_disabled() -> bool:
@@ -59,6 +59,16 @@ def progress(
         dynamic_ncols=True,
         **kwargs,
     )
+
+
+def show_fit(bar: tqdm, loss: float, acc: float, val_acc: float | None = None) -> None:
+    """Put a training loop's figures after ``bar``: loss, training accuracy (the recipe's
+    overfitting signal) and, when there is one, validation accuracy. Drawn at the bar's next
+    update."""
+    figures = {"loss": f"{loss:.4f}", "acc": f"{acc:.3f}"}
+    if val_acc is not None:
+        figures["val_acc"] = f"{val_acc:.3f}"
+    bar.set_postfix(figures, refresh=False)
 
 
 class Throttle:

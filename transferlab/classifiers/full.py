@@ -39,7 +39,7 @@ from transferlab.classifiers.training import (
     use_channels_last,
 )
 from transferlab.config import FullParams
-from transferlab.progress import Throttle, progress
+from transferlab.progress import Throttle, progress, show_fit
 
 log = logging.getLogger(__name__)
 
@@ -245,11 +245,7 @@ def train_full(
                 n_correct += (logits.argmax(1) == y).sum()
                 if show():  # training accuracy is the recipe's overfitting signal: show it
                     seen = i + len(idx)
-                    batches.set_postfix(
-                        loss=f"{float(loss_sum) / seen:.4f}",
-                        acc=f"{int(n_correct) / seen:.3f}",
-                        refresh=False,
-                    )
+                    show_fit(batches, float(loss_sum) / seen, int(n_correct) / seen)
                 batches.update(len(idx))
         backbone.eval()
         head.eval()
@@ -271,12 +267,7 @@ def train_full(
             "seconds": time.perf_counter() - t0,
         }
         history.append(row)
-        bar.set_postfix(
-            loss=f"{row['train_loss']:.4f}",
-            acc=f"{train_acc:.3f}",
-            **({"val_acc": f"{val_acc:.3f}"} if has_val else {}),
-            refresh=False,
-        )
+        show_fit(bar, row["train_loss"], train_acc, val_acc)
         bar.update()
         log.debug(
             "full epoch %d/%d: train loss %.4f, train acc %.3f, val acc %s (%.1f s)",

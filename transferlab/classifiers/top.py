@@ -30,7 +30,7 @@ from transferlab.classifiers.training import (
     predict,
 )
 from transferlab.config import TopParams
-from transferlab.progress import progress
+from transferlab.progress import progress, show_fit
 
 log = logging.getLogger(__name__)
 
@@ -135,11 +135,7 @@ def train_top(
                 opt.step()
                 total_loss += float(loss.detach()) * len(idx)
                 correct += int((logits.argmax(1) == y_train[idx]).sum())
-                batches.set_postfix(
-                    loss=f"{total_loss / (i + len(idx)):.4f}",
-                    acc=f"{correct / (i + len(idx)):.3f}",
-                    refresh=False,
-                )
+                show_fit(batches, total_loss / (i + len(idx)), correct / (i + len(idx)))
                 batches.update(len(idx))
         head.eval()
         val_acc = None
@@ -155,12 +151,7 @@ def train_top(
                 "val_acc": val_acc,
             }
         )
-        bar.set_postfix(
-            loss=f"{history[-1]['train_loss']:.4f}",
-            acc=f"{history[-1]['train_acc']:.3f}",
-            **({"val_acc": f"{val_acc:.3f}"} if has_val else {}),
-            refresh=False,
-        )
+        show_fit(bar, history[-1]["train_loss"], history[-1]["train_acc"], val_acc)
         bar.update()
         if not has_val or val_acc > best_acc:
             best_state, best_acc, best_epoch, stale = (
