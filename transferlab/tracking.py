@@ -145,17 +145,8 @@ def _log_pipeline_run(mlflow, params, workdir, uri, *, tags, methods, artifacts)
     all_tags = {**dvc_state(workdir), **tags, "transferlab.workspace": workspace}
     close_orphaned_runs(mlflow.MlflowClient(uri), exp_id, workspace)
     ids = {"experiment_id": exp_id, "tracking_uri": uri}
-    token = uuid.uuid4().hex
-    run_tags = {
-        **all_tags,
-        "transferlab.pid": str(os.getpid()),
-        "transferlab.host": _host(),
-        INVOCATION_TAG: token,
-    }
-    with (
-        _failed_runs_end(mlflow, exp_id, token),
-        mlflow.start_run(experiment_id=exp_id, run_name="pipeline", tags=run_tags) as parent,
-    ):
+    run_tags = {**all_tags, "transferlab.pid": str(os.getpid()), "transferlab.host": _host()}
+    with _invocation_run(mlflow, exp_id, "pipeline", run_tags) as (parent, run_tags):
         ids["parent"] = parent.info.run_id
         mlflow.log_params(params.flat())
         for path in artifacts:
@@ -190,6 +181,21 @@ def _host() -> str:
     import socket
 
     return socket.gethostname()
+
+
+@contextmanager
+def _invocation_run(mlflow, experiment_id: str, run_name: str, tags: dict[str, str]):
+    """A top-level run for one logging call, tagged ``INVOCATION_TAG`` with a fresh token; if
+    the block fails, every run still open with that tag ends FAILED (``_failed_runs_end``).
+
+    Yields the run and its tags (token included): nested runs take them, so they are covered.
+    """
+    tags = {**tags, INVOCATION_TAG: uuid.uuid4().hex}
+    with (
+        _failed_runs_end(mlflow, experiment_id, tags[INVOCATION_TAG]),
+        mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run,
+    ):
+        yield run, tags
 
 
 @contextmanager
@@ -423,14 +429,10 @@ def log_learning_curve(
     uri = tracking_uri(params, workdir)
     exp_id = _experiment_id(mlflow, params, workdir, uri)
     client = mlflow.MlflowClient()
-    token = uuid.uuid4().hex
-    all_tags = {**git_state(workdir), **(tags or {}), INVOCATION_TAG: token}
+    all_tags = {**git_state(workdir), **(tags or {})}
     ids = {"experiment_id": exp_id, "tracking_uri": uri}
     lc = params.learning_curve.model_dump(mode="json")
-    with (
-        _failed_runs_end(mlflow, exp_id, token),
-        mlflow.start_run(experiment_id=exp_id, run_name="learning-curve", tags=all_tags) as par,
-    ):
+    with _invocation_run(mlflow, exp_id, "learning-curve", all_tags) as (par, all_tags):
         ids["parent"] = par.info.run_id
         mlflow.log_params({f"learning_curve.{k}": str(v) for k, v in lc.items()})
         for path in artifacts:
@@ -702,12 +704,8 @@ def log_attack_eval(
         "eval.version": str(mv.version),
         "eval.source_run_id": mv.run_id or "",
         "params.hash": params.section_hash(),
-        INVOCATION_TAG: uuid.uuid4().hex,
     }
-    with (
-        _failed_runs_end(mlflow, exp_id, tags[INVOCATION_TAG]),
-        mlflow.start_run(experiment_id=exp_id, run_name="attack-eval", tags=tags) as run,
-    ):
+    with _invocation_run(mlflow, exp_id, "attack-eval", tags) as (run, _):
         mlflow.log_params({k: v for k, v in params.flat().items() if k.startswith("attack.")})
         mlflow.log_metrics(metrics)
         for path in artifacts:
