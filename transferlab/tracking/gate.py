@@ -1,0 +1,83 @@
+"""The gate's MLflow side: judge a registered version and move the champion alias if it passes."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from transferlab.config import Params
+from transferlab.tracking.registry import registered_name
+from transferlab.tracking.store import client as _client
+from transferlab.tracking.store import scoped_tracking
+
+log = logging.getLogger(__name__)
+
+
+def _gate_metrics(tags: dict[str, str]):
+    from transferlab.gate import GateMetrics
+
+    def num(key: str) -> float | None:
+        value = tags.get(key)
+        return None if value in (None, "", "None") else float(value)
+
+    return GateMetrics(clean_acc=num("gate.clean_acc"), robust_acc=num("gate.robust_acc"))
+
+
+@scoped_tracking
+def apply_gate(params: Params, workdir: Path, method: str, version: str, candidate) -> dict:
+    """Judge a registered version against the floors and the champion; move the alias if it passes.
+
+    The decision and its reasons go onto the model version and its run as ``gate.*`` tags and a
+    ``gate/<method>.json`` artifact, so the MLflow UI shows why a model was (not) promoted.
+
+    Args:
+        candidate: the version's ``transferlab.gate.GateMetrics``.
+
+    Returns:
+        {"model", "version", "decision", "reasons", "champion_before", "champion_after", ...}
+    """
+    from mlflow.exceptions import MlflowException
+
+    from transferlab.gate import decide
+
+    gp = params.gate
+    client = _client(params, workdir)
+    name = registered_name(params, method)
+    try:
+        current = client.get_model_version_by_alias(name, gp.alias)
+    except MlflowException:
+        current = None
+    champion = None if current is None else _gate_metrics(current.tags)
+    decision = decide(candidate, champion, gp)
+    record = {
+        "model": name,
+        "version": str(version),
+        "decision": decision.decision,
+        "reasons": list(decision.reasons),
+        "clean_acc": candidate.clean_acc,
+        "robust_acc": candidate.robust_acc,
+        "attack": gp.attack,
+        "eps": gp.eps,
+        "alias": gp.alias,
+        "champion_before": None if current is None else str(current.version),
+    }
+    tags = {
+        "gate.decision": decision.decision,
+        "gate.reasons": "; ".join(decision.reasons),
+        "gate.clean_acc": str(candidate.clean_acc),
+        "gate.robust_acc": str(candidate.robust_acc),
+        "gate.attack": gp.attack,
+        "gate.eps": f"{gp.eps:.6g}",
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, str(version), key, value)
+    if decision.promote:
+        client.set_registered_model_alias(name, gp.alias, str(version))
+    record["champion_after"] = str(version) if decision.promote else record["champion_before"]
+    run_id = client.get_model_version(name, str(version)).run_id
+    if run_id:
+        for key, value in tags.items():
+            client.set_tag(run_id, key, value)
+        client.log_dict(run_id, record, f"gate/{method}.json")
+    log.info("gate %s v%s: %s (%s)", name, version, decision.decision, decision.reasons[0])
+    return record

@@ -1,0 +1,77 @@
+"""Reading the store back: the recent runs table and the ``mlflow ui`` command that serves it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transferlab.config import Params
+from transferlab.tracking.store import tracking_uri
+
+
+def recent_runs(params: Params, workdir: Path, *, last: int = 5) -> list[dict]:
+    """The last ``last`` pipeline runs, one row per method run, newest first.
+
+    Each row: parent run id, start time, status, method, test accuracy, robust accuracy at the
+    report eps (one column per attack) and training seconds.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params, workdir))
+    try:
+        exp = client.get_experiment_by_name(params.tracking.experiment)
+    except MlflowException as exc:
+        raise RuntimeError(f"cannot read the MLflow store: {exc}") from None
+    if exp is None:
+        return []
+    parents = client.search_runs(
+        [exp.experiment_id],
+        filter_string="attributes.run_name = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=last,
+    )
+    rows = []
+    suffix = f"_eps_{params.attack.report_eps * 255:g}"
+    for parent in parents:
+        children = client.search_runs(
+            [exp.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+        )
+        for child in sorted(children, key=lambda r: r.info.run_name or ""):
+            m = child.data.metrics
+            row = {
+                "run": parent.info.run_id[:8],
+                "started": _when(parent.info.start_time),
+                "status": parent.info.status,
+                "method": child.info.run_name,
+                "test_acc": m.get("test_acc"),
+            }
+            for key, value in sorted(m.items()):
+                if key.startswith("robust_acc_") and key.endswith(suffix):
+                    row[key.removeprefix("robust_acc_").removesuffix(suffix) + "@eps"] = value
+            row["train_s"] = m.get("fit_seconds", m.get("train_seconds"))
+            rows.append(row)
+    return rows
+
+
+def _when(ms: int | None) -> str:
+    import datetime as dt
+
+    return dt.datetime.fromtimestamp((ms or 0) / 1000).strftime("%Y-%m-%d %H:%M")
+
+
+def ui_command(params: Params, workdir: Path, *, host: str, port: int) -> list[str]:
+    """The ``mlflow ui`` command line that serves this workspace's store."""
+    artifacts = (workdir / params.tracking.artifact_dir).resolve()
+    return [
+        "mlflow",
+        "ui",
+        "--backend-store-uri",
+        tracking_uri(params, workdir),
+        "--default-artifact-root",
+        str(artifacts),
+        "--host",
+        host,
+        "--port",
+        str(port),
+    ]

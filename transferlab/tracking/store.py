@@ -1,0 +1,117 @@
+"""Where the MLflow store is: its URI, the experiment, and a scope that points MLflow there."""
+
+from __future__ import annotations
+
+import functools
+import os
+import subprocess
+from contextlib import contextmanager
+from pathlib import Path
+
+from transferlab.config import Params
+
+
+def tracking_uri(params: Params, workdir: Path) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else params (a relative sqlite path is under ``workdir``)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or params.tracking.tracking_uri
+    prefix = "sqlite:///"
+    if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
+        uri = prefix + str((workdir / uri[len(prefix) :]).resolve())
+    return uri
+
+
+def git_state(workdir: Path) -> dict[str, str]:
+    """Commit and dirty flag of the code that ran, or 'unknown' outside a git checkout."""
+
+    def git(*args: str) -> str:
+        out = subprocess.run(
+            ["git", *args], cwd=workdir, capture_output=True, text=True, timeout=10
+        )
+        if out.returncode:
+            raise RuntimeError(out.stderr)
+        return out.stdout.strip()
+
+    try:
+        return {
+            "git.commit": git("rev-parse", "HEAD"),
+            "git.dirty": str(bool(git("status", "--porcelain"))),
+        }
+    except (RuntimeError, OSError, subprocess.TimeoutExpired):
+        return {"git.commit": "unknown", "git.dirty": "unknown"}
+
+
+def experiment_id(mlflow, params: Params, workdir: Path, uri: str) -> str:
+    """The id of ``params.tracking.experiment``, created (with a local artifact root) if new."""
+    name = params.tracking.experiment
+    exp = mlflow.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
+        # Without this a SQLite store writes ./mlruns wherever the process happens to run.
+        location = (workdir / params.tracking.artifact_dir).resolve().as_uri()
+    return mlflow.create_experiment(name, artifact_location=location)
+
+
+@contextmanager
+def tracking_to(mlflow, uri: str):
+    """Point MLflow's fluent API at ``uri`` for a while. mlflow.set_tracking_uri also exports
+    MLFLOW_TRACKING_URI to the environment, which would send every later run of this process
+    (and its children) to this workspace's store; restore what the user had."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if saved is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+def scoped_tracking(fn):
+    """Run ``fn(params, workdir, ...)`` with MLflow pointed at that workspace's store, and put
+    the user's tracking URI back afterwards (see ``tracking_to``)."""
+
+    @functools.wraps(fn)
+    def wrapper(params: Params, workdir: Path, *args, **kwargs):
+        import mlflow
+
+        with tracking_to(mlflow, tracking_uri(params, workdir)):
+            return fn(params, workdir, *args, **kwargs)
+
+    return wrapper
+
+
+def client(params: Params, workdir: Path):
+    """An MlflowClient on this workspace's tracking and registry store."""
+    import mlflow
+
+    uri = tracking_uri(params, workdir)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+class TrackingUnavailable(RuntimeError):
+    """The configured MLflow tracking server does not answer."""
+
+
+def check_tracking_store(params: Params, workdir: Path, *, timeout: float = 5.0) -> str:
+    """Fail fast, before expensive work, when an HTTP tracking server is unreachable.
+
+    A local SQLite or file store needs no server. Returns the tracking URI.
+    """
+    uri = tracking_uri(params, workdir)
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    import requests
+
+    try:
+        response = requests.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+        response.raise_for_status()
+    except requests.RequestException as exc:
+        reason = type(exc).__name__
+        raise TrackingUnavailable(
+            f"MLflow tracking server {uri} is unreachable ({reason}); start it, or unset "
+            "MLFLOW_TRACKING_URI to log into the local SQLite store "
+            f"({params.tracking.tracking_uri})"
+        ) from None
+    return uri
