@@ -16,6 +16,7 @@ from prefect.context import TaskRunContext
 
 import transferlab
 from transferlab.config import load_params
+from transferlab.methods import METHODS
 from transferlab.stages import STAGES
 
 # Stages that reach the network (a remote source, the tracking server) retry with backoff.
@@ -27,7 +28,7 @@ RETRIES["gate"] = 2
 # (`prefect concurrency-limit create heavy 1`, done by infra/bootstrap.sh) keeps concurrent flow
 # runs (a nightly run and an on-demand attack-eval) from oversubscribing one worker machine.
 HEAVY_TAG = "heavy"
-HEAVY_STAGES = {"features", "svm", "top", "full", "attack"}
+HEAVY_STAGES = {"features", *METHODS, "attack"}
 NETWORK_TAG = "network"
 
 

@@ -49,3 +49,12 @@ def atomic_write(path: Path | str, mode: str = "wb", **open_kwargs: Any) -> Iter
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_json(path: Path | str, obj: object) -> None:
+    """Write JSON atomically (temp file + rename), keys sorted, newline at the end."""
+    import json
+
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 from transferlab.config import DEFAULT_PARAMS, ParamsError, load_params
+from transferlab.methods import METHODS
 
 
 def _help(doc: str) -> str:
@@ -131,44 +132,32 @@ _stage_command(
     "(features.cache_dir, see `transferlab cache --help`).",
     examples=("transferlab features", "transferlab features --quiet   # logs without bars"),
 )
-_stage_command(
-    "svm",
-    "Linear SVM (liblinear) on the features, C by cross-validation: models/svm/.",
-    "Stored as backbone + one linear layer, so attacks reach it end to end.",
-    reads="features/features.npz, data/split.csv; params: features, svm, split.",
-    writes="models/svm/ (the classifier), metrics/svm.json (accuracies, CV score per C, "
-    "confusion matrix).",
-    examples=("transferlab svm",),
-)
-_stage_command(
-    "top",
-    "A new head on the frozen backbone (SGD, early stopping): models/top/.",
-    "Trains on the cached features, or through the backbone with top.augment; the epoch bar "
-    "shows the training loss and accuracy and the val accuracy.",
-    reads="features/features.npz, data/split.csv, data/manifest.csv, data/images/ (with "
-    "top.augment); params: data, features, top, split.",
-    writes="models/top/, metrics/top.json (accuracies, per-epoch history, confusion matrix).",
-    examples=("transferlab top",),
-)
-_stage_command(
-    "full",
-    "Full fine-tuning, checkpointed every epoch, resumable: models/full/.",
-    "Backbone and head train together (SGD, a smaller learning rate for the backbone, "
-    "augmentation). An epoch bar and a batch bar show img/s and the running training loss and "
-    "accuracy: training accuracy near 1 with val accuracy lagging means overfitting.",
-    reads="data/split.csv, data/manifest.csv, data/images/; params: data, features, full, split.",
-    writes="models/full/, metrics/full.json (accuracies, per-epoch history); while it runs, a "
-    "checkpoint every epoch in .transferlab/checkpoints/full.pt, so a re-run after a kill "
-    "resumes (full.resume) and deletes it at the end.",
-    examples=("transferlab full", "transferlab full -q 2> full.log   # for a log file"),
-)
+# the registered methods' files, for the help of the stages that read them all
+_ATTACKED = ", ".join(f"{m.model_dir}/" for m in METHODS.values() if m.attackable)
+_METHOD_FILES = ", ".join(f"{m.metrics_file}, {m.model_dir}/" for m in METHODS.values())
+
+
+def _method_commands() -> None:
+    """One command per registered method; what it reads and writes comes from its stage."""
+    for name, method in METHODS.items():
+        _stage_command(
+            name,
+            method.summary,
+            method.details,
+            reads=f"{', '.join(method.deps)}; params: {', '.join(method.sections)}.",
+            writes=f"{method.model_dir}/ (the classifier), {method.metrics_file} "
+            "(accuracies, choices, per-epoch history, confusion matrix).",
+            examples=(f"transferlab {name}", f"transferlab {name} -q 2> {name}.log   # a log file"),
+        )
+
+
+_method_commands()
 _stage_command(
     "attack",
     "White-box, black-box and transfer attacks over the eps sweep: metrics/attack.json.",
     "Every model in attack.models, every attack in attack.attacks at every attack.eps; finished "
     "batches are kept, so a killed run resumes.",
-    reads="models/svm/, models/top/, models/full/, data/split.csv, data/images/; params: "
-    "attack, data, features.",
+    reads=f"{_ATTACKED}, data/split.csv, data/images/; params: attack, data, features.",
     writes="metrics/attack.json, metrics/transfer.json, plots/robustness.csv, "
     "plots/transfer.png, plots/adversarial_examples.png; finished batches in attack.work_dir.",
     examples=("transferlab attack",),
@@ -178,9 +167,8 @@ _stage_command(
     "Plots, reports/results.json, and one MLflow run with the lineage.",
     "The MLflow run has one nested run and one registered model version per method; "
     "reports/index.html shows the results table and the plots.",
-    reads="metrics/svm.json, metrics/top.json, metrics/full.json, metrics/attack.json, "
-    "plots/robustness.csv, models/svm/, models/top/, models/full/, data/manifest.csv; params: "
-    "tracking.",
+    reads=f"{_METHOD_FILES}, metrics/attack.json, plots/robustness.csv, data/manifest.csv; "
+    "params: tracking.",
     writes="plots/robustness.png, plots/confusion/, reports/results.json, reports/index.html; "
     "runs and model versions in the MLflow store (tracking.tracking_uri).",
     examples=("transferlab report", "MLFLOW_TRACKING_URI=http://127.0.0.1:5000 transferlab report"),

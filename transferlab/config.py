@@ -14,17 +14,23 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
+
+from transferlab.methods import (  # noqa: F401  (re-exported: the sections' old home)
+    METHODS,
+    FullParams,
+    SvmParams,
+    TopParams,
+    TrainParams,
+    attackable_methods,
+)
+from transferlab.section import Section
 
 DEFAULT_PARAMS = Path("params.yaml")
 
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message is one line naming key, file and fix."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 def parse_eps(value: Any) -> float:
@@ -267,72 +273,6 @@ class FeaturesParams(Section):
         return v
 
 
-# ---------------------------------------------------------------- methods
-
-
-class SvmParams(Section):
-    C: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
-    cv: int = Field(3, ge=2, description="stratified folds for choosing C")
-    class_weight: Literal["balanced"] | None = None
-    max_iter: int = Field(10_000, ge=1)
-
-    @field_validator("C")
-    @classmethod
-    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        if not v or any(c <= 0 for c in v):
-            raise ValueError("C must be a non-empty list of positive numbers")
-        return v
-
-
-class TopParams(Section):
-    """A new head on the frozen backbone (``classifiers/top.py``)."""
-
-    head: Literal["linear", "mlp"] = "linear"
-    hidden: int = Field(256, ge=1, description="MLP hidden units")
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    # SGD with momentum at a small lr is the seed's advice; rmsprop is allowed but warned about
-    optimizer: Literal["sgd", "rmsprop"] = "sgd"
-    lr: float = Field(0.01, gt=0.0)
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    epochs: int = Field(30, ge=1)
-    batch_size: int = Field(32, ge=1)
-    patience: int = Field(5, ge=1, description="early stopping: epochs without val improvement")
-    # off: train on the cached features (same result, far faster); on: through the backbone
-    augment: bool = False
-    seed: int = 0
-
-
-class FullParams(Section):
-    """Full fine-tuning of backbone + head (``classifiers/full.py``)."""
-
-    head: Literal["linear", "mlp"] = "linear"
-    hidden: int = Field(256, ge=1)
-    dropout: float = Field(0.2, ge=0.0, lt=1.0)
-    optimizer: Literal["sgd", "rmsprop"] = "sgd"
-    lr: float = Field(0.01, gt=0.0, description="head learning rate")
-    backbone_lr_ratio: float = Field(0.1, gt=0.0, le=1.0, description="backbone lr = lr * this")
-    momentum: float = Field(0.9, ge=0.0, lt=1.0)
-    weight_decay: float = Field(1e-4, ge=0.0)
-    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
-    epochs: int = Field(3, ge=1)
-    batch_size: int = Field(16, ge=1)
-    warmup_epochs: float = Field(0.5, ge=0.0, description="linear warmup, then cosine decay")
-    grad_clip: float | None = Field(1.0, gt=0.0)
-    # epoch 0 trains the head only; each later epoch unfreezes one more backbone group (top down)
-    gradual_unfreeze: bool = False
-    unfreeze_groups: int = Field(4, ge=1)
-    # keep BatchNorm statistics frozen: small batches make them noisy
-    bn_train: bool = False
-    patience: int = Field(3, ge=1)
-    augment: bool = True
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU and AMX CPUs
-    image_size: int | None = Field(128, ge=16, description="input px (null: the backbone's)")
-    resume: bool = True
-    seed: int = 0
-
-
 class LearningCurveParams(Section):
     """``transferlab experiment learning-curve``: all three methods on the same few-shot subsets
     of Fashion-MNIST (Debian ``dataset-fashion-mnist`` IDX files), one held-out test set."""
@@ -459,28 +399,31 @@ class TransferParams(Section):
         return _model_names(v, allow_empty=True)
 
 
-# Models the attack stage can load: a method's folder under models/ (one per adaptation method;
-# add new methods here) or "imagenet", the public backbone with its ImageNet head.
-ATTACKABLE_MODELS: tuple[str, ...] = ("svm", "top", "full", "imagenet")
+IMAGENET = "imagenet"
+
+
+def attackable_models() -> tuple[str, ...]:
+    """Models the attack stage can load: each attackable method's folder under models/ (the
+    method registry), or "imagenet", the public backbone with its ImageNet head."""
+    return (*attackable_methods(), IMAGENET)
 
 
 def _model_names(v: tuple[str, ...], *, allow_empty: bool = False) -> tuple[str, ...]:
+    allowed = list(attackable_models())
     if not v and not allow_empty:
-        raise ValueError(f"list at least one model; allowed values are {list(ATTACKABLE_MODELS)}")
+        raise ValueError(f"list at least one model; allowed values are {allowed}")
     for name in v:
-        if name not in ATTACKABLE_MODELS:
-            raise ValueError(
-                f"unknown model {name!r}; allowed values are {list(ATTACKABLE_MODELS)}"
-            )
+        if name not in allowed:
+            raise ValueError(f"unknown model {name!r}; allowed values are {allowed}")
     if len(set(v)) != len(v):
         raise ValueError("model names must not repeat")
     return v
 
 
 class AttackParams(Section):
-    # ATTACKABLE_MODELS: stored methods (folders under models/) or "imagenet" (the public
+    # attackable_models(): stored methods (folders under models/) or "imagenet" (the public
     # backbone + its ImageNet head, scored against its own clean prediction)
-    models: tuple[str, ...] = ("svm",)
+    models: tuple[str, ...] = Field(default_factory=lambda: attackable_methods()[:1])
     attacks: tuple[AttackName, ...] = ("fgsm",)
     eps: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
     report_eps: float = 4 / 255
@@ -583,18 +526,8 @@ class GateParams(Section):
         return parse_eps(v)
 
 
-class Params(Section):
-    data: DataParams = Field(default_factory=DataParams)
-    split: SplitParams = Field(default_factory=SplitParams)
-    features: FeaturesParams = Field(default_factory=FeaturesParams)
-    svm: SvmParams = Field(default_factory=SvmParams)
-    top: TopParams = Field(default_factory=TopParams)
-    full: FullParams = Field(default_factory=FullParams)
-    learning_curve: LearningCurveParams = Field(default_factory=LearningCurveParams)
-    attack: AttackParams = Field(default_factory=AttackParams)
-    tracking: TrackingParams = Field(default_factory=TrackingParams)
-    runner: RunnerParams = Field(default_factory=RunnerParams)
-    gate: GateParams = Field(default_factory=GateParams)
+class ParamsBase(Section):
+    """What every ``Params`` has; ``Params`` adds one field per section (see below)."""
 
     def section_hash(self, *names: str) -> str:
         """Digest of the named sections (all when none): what a stage's cache depends on."""
@@ -616,6 +549,31 @@ class Params(Section):
 
         walk("", self.model_dump(mode="json"))
         return out
+
+
+def _build_params() -> type[ParamsBase]:
+    """``Params``: the fixed sections, with each registered method's section after ``features``
+    (a method's section is its ``params`` model in ``transferlab.methods``)."""
+
+    def section(model: type[Section]):
+        return (model, Field(default_factory=model))
+
+    fields = {
+        "data": section(DataParams),
+        "split": section(SplitParams),
+        "features": section(FeaturesParams),
+        **{name: section(m.params) for name, m in METHODS.items()},
+        "learning_curve": section(LearningCurveParams),
+        "attack": section(AttackParams),
+        "tracking": section(TrackingParams),
+        "runner": section(RunnerParams),
+        "gate": section(GateParams),
+    }
+    return create_model("Params", __base__=ParamsBase, __module__=__name__, **fields)
+
+
+# Built from the method registry: a method's section is validated like every other
+Params = _build_params()
 
 
 # ---------------------------------------------------------------- loading

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import numpy as np
 
+from transferlab.methods import METHODS  # noqa: F401  (the registry's names, re-exported)
 from transferlab.report import save_figure
 from transferlab.tracking import MethodRecord
-
-METHODS = ("svm", "top", "full")
 
 
 def plot_confusion(cm: list[list[int]], classes: list[str], out: Path, *, title: str) -> Path:

@@ -16,14 +16,13 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from transferlab.config import Params
+from transferlab.config import IMAGENET, Params
+from transferlab.layout import dataset_classes, split_rows
 
 if TYPE_CHECKING:
     from transferlab.attacks import Attack
 
 log = logging.getLogger(__name__)
-
-IMAGENET = "imagenet"
 
 
 class Autocast(nn.Module):
@@ -84,10 +83,20 @@ def load_attack_model(params: Params, root: Path, name: str) -> tuple[nn.Module,
     return model.eval(), classes, key
 
 
-def dataset_classes(root: Path) -> list[str]:
-    from transferlab.stages import _split_rows
+def load_test_images(
+    params: Params, root: Path, classes: list[str], spec=None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``attack.max_images`` test images (N, 3, S, S) in [0, 1] and their labels."""
+    from transferlab.backbones import get_spec
+    from transferlab.features import load_images
 
-    return sorted({r["label"] for r in _split_rows(root)})
+    rows = [r for r in split_rows(root) if r["split"] == "test"][: params.attack.max_images]
+    spec = spec or get_spec(params.features.backbone)
+    x = load_images(
+        [root / "data" / r["path"] for r in rows], spec, background=params.data.background
+    )
+    y = torch.tensor([classes.index(r["label"]) for r in rows])
+    return x, y
 
 
 def attack_inputs(params: Params, root: Path, name: str, model: nn.Module) -> tuple[Tensor, Tensor]:
@@ -98,12 +107,11 @@ def attack_inputs(params: Params, root: Path, name: str, model: nn.Module) -> tu
     accuracy is the fraction of images whose top-1 ImageNet class survives the attack.
     """
     from transferlab.attacks.transfer import imagenet_labels
-    from transferlab.stages import _test_images
 
     # each model at its own input size (full fine-tuning may train on smaller images)
     inner = getattr(model, "model", model)  # under an Autocast wrapper
     spec = getattr(getattr(inner, "backbone", inner), "spec", None)
-    x, y = _test_images(params, root, dataset_classes(root), spec)
+    x, y = load_test_images(params, root, dataset_classes(root), spec)
     if name == IMAGENET:
         y = imagenet_labels(model, x, batch_size=params.attack.batch_size)
     return x, y
@@ -130,9 +138,7 @@ def _sweep(params: Params, root: Path, name: str, x: Tensor, y: Tensor, model, k
 
 def num_batches(params: Params, root: Path) -> int:
     """How many batches the attack stage splits the test images into (the Prefect map size)."""
-    from transferlab.stages import _split_rows
-
-    n = min(sum(r["split"] == "test" for r in _split_rows(root)), params.attack.max_images)
+    n = min(sum(r["split"] == "test" for r in split_rows(root)), params.attack.max_images)
     return (n + params.attack.batch_size - 1) // params.attack.batch_size
 
 

@@ -15,26 +15,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from transferlab.atomic import atomic_write
+from transferlab.atomic import atomic_write, write_json  # noqa: F401
 from transferlab.config import Params
+from transferlab.layout import (  # noqa: F401  (the workspace's files, re-exported)
+    CONFUSION_DIR,
+    FEATURES,
+    IMAGES,
+    MANIFEST,
+    REJECTED,
+    SPLIT,
+    split_rows,
+)
+from transferlab.methods import METHODS
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "data/manifest.csv"
-REJECTED = "data/rejected.json"
-IMAGES = "data/images"
-SPLIT = "data/split.csv"
-FEATURES = "features/features.npz"
-SVM_MODEL = "models/svm"
-SVM_METRICS = "metrics/svm.json"
-TOP_MODEL = "models/top"
-TOP_METRICS = "metrics/top.json"
-FULL_MODEL = "models/full"
-FULL_METRICS = "metrics/full.json"
-FULL_CHECKPOINT = ".transferlab/checkpoints/full.pt"
-CONFUSION_DIR = "plots/confusion"
+
 ATTACK_METRICS = "metrics/attack.json"
 ROBUSTNESS_CSV = "plots/robustness.csv"
 ROBUSTNESS_PNG = "plots/robustness.png"
@@ -44,13 +41,6 @@ ADVERSARIAL_PNG = "plots/adversarial_examples.png"
 RESULTS = "reports/results.json"
 REPORT_HTML = "reports/index.html"
 GATE = "reports/gate.json"
-
-
-def write_json(path: Path, obj: object) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-        f.write("\n")
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -83,11 +73,6 @@ def split(params: Params, root: Path) -> dict:
     from transferlab.data import split_manifest
 
     return split_manifest(root / MANIFEST, params.split, root / SPLIT)
-
-
-def _split_rows(root: Path) -> list[dict]:
-    with open(root / SPLIT, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
 
 
 def _extract_rows(params: Params, root: Path, rows: list[dict], *, record: bool = True):
@@ -170,111 +155,15 @@ def features(params: Params, root: Path) -> dict:
     }
 
 
-def _labelled_features(root: Path) -> tuple[dict[str, np.ndarray], list[str], dict[str, str]]:
-    """Features per split, the sorted class list, and path -> split."""
-    with np.load(root / FEATURES) as z:
-        feats, paths = z["features"], z["path"].tolist()
-    by_path = dict(zip(paths, range(len(paths)), strict=True))
-    rows = _split_rows(root)
-    classes = sorted({r["label"] for r in rows})
-    out: dict[str, np.ndarray] = {}
-    for part in ("train", "val", "test"):
-        chosen = [r for r in rows if r["split"] == part]
-        out[f"x_{part}"] = feats[[by_path[r["path"]] for r in chosen]] if chosen else feats[:0]
-        out[f"y_{part}"] = np.array([classes.index(r["label"]) for r in chosen], dtype=np.int64)
-    return out, classes, {r["path"]: r["split"] for r in rows}
+def method_stage(name: str) -> Callable[..., dict]:
+    """The stage of a registered method: its body is imported when the stage runs."""
 
+    def run(params: Params, root: Path) -> dict:
+        return METHODS[name].stage()(params, root)
 
-def _accuracy(pred: np.ndarray, y: np.ndarray) -> float | None:
-    return float((pred == y).mean()) if len(y) else None
-
-
-def svm(params: Params, root: Path) -> dict:
-    """Linear SVM (liblinear) on the features; C by stratified CV; stored as backbone + Linear."""
-    from transferlab.backbones import load_backbone
-    from transferlab.classifiers import Classifier, save_classifier
-    from transferlab.classifiers.svm import fit_svm, svm_to_linear
-
-    sp = params.svm
-    data, classes, _ = _labelled_features(root)
-    fit = fit_svm(
-        data["x_train"],
-        data["y_train"],
-        C_grid=sp.C,
-        cv=sp.cv,
-        class_weight=sp.class_weight,
-        max_iter=sp.max_iter,
-        seed=params.split.seed,
-    )
-    metrics = {
-        "best_C": fit.best_C,
-        "cv_scores": {str(c): s for c, s in fit.grid_scores.items()},
-        "fit_seconds": round(fit.seconds, 4),
-        "n_train": int(len(data["y_train"])),
-        "trained_parameters": int(
-            fit.pipeline.named_steps["svc"].coef_.size
-            + fit.pipeline.named_steps["svc"].intercept_.size
-        ),
-    }
-    for part in ("train", "val", "test"):
-        metrics[f"{part}_acc"] = (
-            _accuracy(fit.pipeline.predict(data[f"x_{part}"]), data[f"y_{part}"])
-            if len(data[f"y_{part}"])
-            else None
-        )
-    from transferlab.classifiers.training import split_metrics
-
-    parts = ("train", "val", "test")
-    extra = split_metrics(
-        {
-            p: fit.pipeline.predict(data[f"x_{p}"]) if len(data[f"y_{p}"]) else data[f"y_{p}"]
-            for p in parts
-        },
-        {p: data[f"y_{p}"] for p in parts},
-        classes,
-    )
-    metrics.update({k: v for k, v in extra.items() if k not in metrics})
-    backbone = load_backbone(params.features.backbone, params.features.pretrained)
-    clf = Classifier(backbone, svm_to_linear(fit.pipeline), classes, "svm")
-    save_classifier(clf, root / SVM_MODEL, pretrained=params.features.pretrained)
-    write_json(root / SVM_METRICS, metrics)
-    return {k: v for k, v in metrics.items() if isinstance(v, int | float | None)}
-
-
-def top(params: Params, root: Path) -> dict:
-    """A new head on the frozen backbone: on the cached features, or through the backbone
-    (images) when augmentation is on."""
-    from transferlab.classifiers.methods import run_top
-
-    return run_top(params, root)
-
-
-def full(params: Params, root: Path) -> dict:
-    """Full fine-tuning, checkpointed every epoch; resumes after a kill."""
-    from transferlab.classifiers.methods import run_full
-
-    # A SIGKILL during a checkpoint save leaves its temp file (the size of the model and the
-    # optimizer state); the workspace lock makes this run the only writer, so it is stale.
-    ckpt = root / FULL_CHECKPOINT
-    for tmp in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):
-        log.info("full: removing %s, left by an interrupted checkpoint save", tmp)
-        tmp.unlink(missing_ok=True)
-    return run_full(params, root)
-
-
-def _test_images(
-    params: Params, root: Path, classes: list[str], spec=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from transferlab.backbones import get_spec
-    from transferlab.features import load_images
-
-    rows = [r for r in _split_rows(root) if r["split"] == "test"][: params.attack.max_images]
-    spec = spec or get_spec(params.features.backbone)
-    x = load_images(
-        [root / "data" / r["path"] for r in rows], spec, background=params.data.background
-    )
-    y = torch.tensor([classes.index(r["label"]) for r in rows])
-    return x, y
+    run.__name__ = run.__qualname__ = name
+    run.__doc__ = METHODS[name].summary
+    return run
 
 
 def attack(params: Params, root: Path) -> dict:
@@ -357,7 +246,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     from transferlab.data import manifest_hash
     from transferlab.data.version import data_version_tags
     from transferlab.html_report import write_html_report
-    from transferlab.method_report import METHODS, method_record
+    from transferlab.method_report import method_record
     from transferlab.report import attach_robustness, plot_robustness, results_table
     from transferlab.tracking import (
         MethodRecord,
@@ -368,28 +257,20 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
 
     check_tracking_store(params, root)
     rows = _read_robustness(root)
-    svm_metrics = read_json(root / SVM_METRICS)
     plot = plot_robustness(rows, root / ROBUSTNESS_PNG)
-    metrics_by_method = {m: read_json(root / f"metrics/{m}.json") for m in METHODS}
+    metrics_by_method = {name: read_json(root / m.metrics_file) for name, m in METHODS.items()}
     table = results_table(metrics_by_method, rows, params.attack.report_eps)
 
     records = []
-    for method in METHODS:
-        m_metrics = metrics_by_method[method]
+    for name, method in METHODS.items():
         record = method_record(
-            method,
-            m_metrics,
-            load_classifier(root / f"models/{method}"),
-            metrics_file=root / f"metrics/{method}.json",
-            confusion_png=root / CONFUSION_DIR / f"{method}.png",
+            name,
+            metrics_by_method[name],
+            load_classifier(root / method.model_dir),
+            metrics_file=root / method.metrics_file,
+            confusion_png=root / CONFUSION_DIR / f"{name}.png",
             experiment=params.tracking.experiment,
         )
-        if method == "svm":
-            record.params["svm.best_C"] = str(svm_metrics["best_C"])
-            record.artifacts.append(root / ROBUSTNESS_CSV)
-            # the CV score of every C in the grid, one metric each
-            for c, score in svm_metrics.get("cv_scores", {}).items():
-                record.metrics[f"cv_acc_C_{c}"] = score
         # one series per attack with every eps as a step, so the MLflow UI charts it (x = eps*255)
         attach_robustness(record, rows)
         record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)
@@ -414,7 +295,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
         root,
         tags=tags,
         methods=records,
-        artifacts=[plot, *(p for p in attack_plots if p.exists())],
+        artifacts=[plot, root / ROBUSTNESS_CSV, *(p for p in attack_plots if p.exists())],
     )
     write_json(root / RESULTS, {"table": table, "mlflow": ids, "tags": tags})
     write_html_report(root, root / REPORT_HTML, title=f"transferlab: {params.tracking.experiment}")
@@ -450,11 +331,12 @@ def attack_registered(params: Params, root: Path, *, model: str) -> dict:
     deployment and ``transferlab attack-eval`` call it.
     """
     from transferlab.evaluate import robustness_sweep
+    from transferlab.robustness import load_test_images
     from transferlab.tracking import load_registered_model, log_attack_eval
 
     ap = params.attack
     clf, mv = load_registered_model(params, root, model)
-    x, y = _test_images(params, root, list(clf.classes))
+    x, y = load_test_images(params, root, list(clf.classes))
     rows = robustness_sweep(clf, x, y, attacks=ap.attacks, eps=ap.eps, batch_size=ap.batch_size)
     metrics = {"clean_acc": rows[0]["clean_acc"], "n_images": float(len(y))}
     for r in rows:
@@ -481,40 +363,31 @@ class Stage:
     plots: tuple[str, ...] = ()
 
 
-STAGES: dict[str, Stage] = {
-    s.name: s
-    for s in (
+def _method_stage(method) -> Stage:
+    """A method's stage: its inputs by what it reads, its model folder and metrics file."""
+    return Stage(
+        method.name,
+        method_stage(method.name),
+        method.deps,
+        (method.model_dir,),
+        method.sections,
+        (method.metrics_file,),
+    )
+
+
+def _stages() -> dict[str, Stage]:
+    attacked = tuple(m.model_dir for m in METHODS.values() if m.attackable)
+    models = tuple(m.model_dir for m in METHODS.values())
+    metrics = tuple(m.metrics_file for m in METHODS.values())
+    stages = (
         Stage("pull", pull, (), (IMAGES, MANIFEST, REJECTED), ("data",)),
         Stage("split", split, (MANIFEST,), (SPLIT,), ("split",)),
         Stage("features", features, (MANIFEST, IMAGES), (FEATURES,), ("data", "features")),
-        Stage(
-            "svm",
-            svm,
-            (FEATURES, SPLIT),
-            (SVM_MODEL,),
-            ("features", "svm", "split"),
-            (SVM_METRICS,),
-        ),
-        Stage(
-            "top",
-            top,
-            (FEATURES, SPLIT, MANIFEST, IMAGES),
-            (TOP_MODEL,),
-            ("data", "features", "top", "split"),
-            (TOP_METRICS,),
-        ),
-        Stage(
-            "full",
-            full,
-            (SPLIT, MANIFEST, IMAGES),
-            (FULL_MODEL,),
-            ("data", "features", "full", "split"),
-            (FULL_METRICS,),
-        ),
+        *(_method_stage(m) for m in METHODS.values()),
         Stage(
             "attack",
             attack,
-            (SVM_MODEL, TOP_MODEL, FULL_MODEL, SPLIT, IMAGES),
+            (*attacked, SPLIT, IMAGES),
             (),
             ("attack", "data", "features"),
             (ATTACK_METRICS, TRANSFER_METRICS),
@@ -523,11 +396,46 @@ STAGES: dict[str, Stage] = {
         Stage(
             "report",
             report,
-            (SVM_METRICS, ATTACK_METRICS, ROBUSTNESS_CSV, SVM_MODEL, MANIFEST)
-            + (TOP_METRICS, FULL_METRICS, TOP_MODEL, FULL_MODEL),
+            (*metrics, ATTACK_METRICS, ROBUSTNESS_CSV, *models, MANIFEST),
             (ROBUSTNESS_PNG, RESULTS, REPORT_HTML, CONFUSION_DIR),
             ("tracking",),
         ),
         Stage("gate", gate, (RESULTS, ATTACK_METRICS), (GATE,), ("gate", "tracking")),
     )
-}
+    return {s.name: s for s in stages}
+
+
+# Built from the method registry: one stage per registered method, between features and attack
+STAGES: dict[str, Stage] = _stages()
+
+
+def check_dvc_yaml(stages: dict) -> list[str]:
+    """What in ``dvc.yaml``'s ``stages`` mapping disagrees with ``STAGES`` (empty: in step).
+
+    Each entry runs ``transferlab <name>`` and declares exactly the stage's deps, outs, params
+    sections, metrics and plots, in ``STAGES``' order.
+    """
+
+    def paths(entries) -> set[str]:
+        return {e if isinstance(e, str) else next(iter(e)) for e in entries or []}
+
+    problems = []
+    if list(stages) != list(STAGES):
+        problems.append(f"stages {list(stages)} != {list(STAGES)}")
+    for name, stage in STAGES.items():
+        spec = stages.get(name)
+        if spec is None:
+            continue
+        if spec.get("cmd") != f"transferlab {name}":
+            problems.append(f"{name}: cmd {spec.get('cmd')!r} != 'transferlab {name}'")
+        declared = {
+            "deps": (paths(spec.get("deps")) - {"${data.source.path}"}, set(stage.deps)),
+            "outs": (paths(spec.get("outs")), set(stage.outs)),
+            "params": (set(spec.get("params", [])), set(stage.params)),
+            "metrics": (paths(spec.get("metrics")), set(stage.metrics)),
+            "plots": (paths(spec.get("plots")), set(stage.plots)),
+        }
+        for key, (got, want) in declared.items():
+            if got != want:
+                problems.append(f"{name}: {key} {sorted(got)} != {sorted(want)}")
+    return problems

@@ -20,7 +20,7 @@ class Classifier(nn.Module):
         backbone: the ImageNet feature extractor (frozen or fine-tuned).
         head: features (N, D) -> logits (N, C).
         classes: class names, index = logit position.
-        method: "svm" | "top" | "full".
+        method: its name in the method registry (``transferlab.methods.METHODS``).
     """
 
     def __init__(self, backbone: Backbone, head: nn.Module, classes: list[str], method: str):
@@ -33,8 +33,11 @@ class Classifier(nn.Module):
     def train(self, mode: bool = True) -> Classifier:
         """Only a fully fine-tuned backbone may leave eval mode: the others keep BatchNorm's
         ImageNet statistics."""
+        from transferlab.methods import METHODS
+
         super().train(mode)
-        if self.method != "full":
+        method = METHODS.get(self.method)
+        if method is None or not method.trains_backbone:
             self.backbone.eval()
         return self
 
@@ -43,8 +46,15 @@ class Classifier(nn.Module):
         return self.head(self.backbone.features(x01))
 
 
+def _trains_backbone(method: str) -> bool:
+    from transferlab.methods import METHODS
+
+    return method in METHODS and METHODS[method].trains_backbone
+
+
 def save_classifier(clf: Classifier, folder: Path, *, pretrained: str, extra: dict | None = None):
-    """Write ``meta.json`` and ``head.pt``; for ``full`` also ``backbone.pt`` (its weights).
+    """Write ``meta.json`` and ``head.pt``; for a method that trains its backbone also
+    ``backbone.pt`` (its weights).
 
     Methods that keep the backbone frozen store only the head: the backbone is rebuilt from its
     registry name and checked against its weights digest. Files are renamed into place, so
@@ -62,7 +72,7 @@ def save_classifier(clf: Classifier, folder: Path, *, pretrained: str, extra: di
         "weights_digest": clf.backbone.weights_digest,
         "input_size": clf.backbone.spec.input_size,
         "head": head_spec(head),
-        "backbone_weights": clf.method == "full",
+        "backbone_weights": _trains_backbone(clf.method),
         **(extra or {}),
     }
     files = {"head.pt": head.state_dict()}

@@ -38,7 +38,7 @@ from transferlab.classifiers.training import (
     use_bf16,
     use_channels_last,
 )
-from transferlab.config import FullParams
+from transferlab.methods import FullParams
 from transferlab.progress import Throttle, progress, show_fit
 
 log = logging.getLogger(__name__)
@@ -351,3 +351,73 @@ def train_full(
         bf16,
         n_trained,
     )
+
+
+def _fingerprint(params, root: Path) -> str:
+    """Names the data and settings a checkpoint belongs to."""
+    import hashlib
+
+    from transferlab.layout import MANIFEST, SPLIT
+
+    h = hashlib.sha256(params.section_hash("full", "features", "data").encode())
+    for rel in (MANIFEST, SPLIT):
+        h.update((root / rel).read_bytes())
+    return h.hexdigest()
+
+
+def run(params, root: Path) -> dict:
+    """The ``full`` stage: fine-tune everything; write ``models/full`` and ``metrics/full.json``.
+
+    A checkpoint under ``.transferlab/checkpoints/`` is written every epoch; a re-run after a
+    kill continues from it (``full.resume``) and deletes it once the model is saved.
+    """
+    from transferlab.atomic import write_json
+    from transferlab.backbones import load_backbone
+    from transferlab.classifiers.base import Classifier, save_classifier
+    from transferlab.classifiers.training import spec_at_size, split_metrics
+    from transferlab.layout import PARTS, dataset_classes, split_images
+    from transferlab.methods import METHODS
+
+    method = METHODS["full"]
+    fp = params.full
+    classes = dataset_classes(root)
+    backbone = load_backbone(params.features.backbone, params.features.pretrained)
+    backbone.spec = spec_at_size(backbone.spec, fp.image_size)
+    imgs = split_images(root, classes, backbone.spec, background=params.data.background)
+    ckpt = root / method.checkpoint
+    # A SIGKILL during a checkpoint save leaves its temp file (the size of the model and the
+    # optimizer state); the workspace lock makes this run the only writer, so it is stale.
+    for tmp in ckpt.parent.glob(f".{ckpt.name}.*.tmp"):
+        log.info("full: removing %s, left by an interrupted checkpoint save", tmp)
+        tmp.unlink(missing_ok=True)
+    res = train_full(
+        backbone=backbone,
+        n_classes=len(classes),
+        params=fp,
+        x_train=imgs["x_train"],
+        y_train=imgs["y_train"],
+        x_val=imgs["x_val"],
+        y_val=imgs["y_val"],
+        checkpoint=ckpt,
+        fingerprint=_fingerprint(params, root),
+    )
+    clf = Classifier(res.backbone, res.head, classes, method.name).eval().cpu()
+    preds = {p: predict(clf, imgs[f"x_{p}"], batch_size=32, desc=f"full {p} set") for p in PARTS}
+    metrics = split_metrics(preds, {p: imgs[f"y_{p}"].numpy() for p in PARTS}, classes)
+    metrics.update(
+        {
+            "history": res.history,
+            "best_epoch": res.best_epoch,
+            "epochs_run": len(res.history),
+            "resumed_from_epoch": res.resumed_from,
+            "train_seconds": round(sum(h["seconds"] for h in res.history), 4),
+            "trained_parameters": res.trained_parameters,
+            "n_train": int(len(imgs["y_train"])),
+            "image_size": backbone.spec.input_size,
+            "bf16": res.bf16,
+        }
+    )
+    save_classifier(clf, root / method.model_dir, pretrained=params.features.pretrained)
+    write_json(root / method.metrics_file, metrics)
+    ckpt.unlink(missing_ok=True)
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | None) and k != "bf16"}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -103,3 +104,47 @@ def svm_to_linear(pipe: Pipeline) -> nn.Linear:
         linear.weight.copy_(torch.from_numpy(w).float())
         linear.bias.copy_(torch.from_numpy(b).float())
     return linear
+
+
+def run(params, root: Path) -> dict:
+    """The ``svm`` stage: C by stratified CV on train, stored as backbone + Linear; writes
+    ``models/svm`` and ``metrics/svm.json``."""
+    from transferlab.atomic import write_json
+    from transferlab.backbones import load_backbone
+    from transferlab.classifiers.base import Classifier, save_classifier
+    from transferlab.classifiers.training import split_metrics
+    from transferlab.layout import PARTS, labelled_features
+    from transferlab.methods import METHODS
+
+    method = METHODS["svm"]
+    sp = params.svm
+    data, classes = labelled_features(root)
+    fit = fit_svm(
+        data["x_train"],
+        data["y_train"],
+        C_grid=sp.C,
+        cv=sp.cv,
+        class_weight=sp.class_weight,
+        max_iter=sp.max_iter,
+        seed=params.split.seed,
+    )
+    svc = fit.pipeline.named_steps["svc"]
+    preds = {
+        p: fit.pipeline.predict(data[f"x_{p}"]) if len(data[f"y_{p}"]) else data[f"y_{p}"]
+        for p in PARTS
+    }
+    metrics = split_metrics(preds, {p: data[f"y_{p}"] for p in PARTS}, classes)
+    metrics.update(
+        {
+            "best_C": fit.best_C,
+            "cv_scores": {str(c): s for c, s in fit.grid_scores.items()},
+            "fit_seconds": round(fit.seconds, 4),
+            "n_train": int(len(data["y_train"])),
+            "trained_parameters": int(svc.coef_.size + svc.intercept_.size),
+        }
+    )
+    backbone = load_backbone(params.features.backbone, params.features.pretrained)
+    clf = Classifier(backbone, svm_to_linear(fit.pipeline), classes, method.name)
+    save_classifier(clf, root / method.model_dir, pretrained=params.features.pretrained)
+    write_json(root / method.metrics_file, metrics)
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | None)}

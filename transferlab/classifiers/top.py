@@ -16,6 +16,7 @@ import copy
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +30,7 @@ from transferlab.classifiers.training import (
     make_optimizer,
     predict,
 )
-from transferlab.config import TopParams
+from transferlab.methods import TopParams
 from transferlab.progress import progress, show_fit
 
 log = logging.getLogger(__name__)
@@ -175,3 +176,63 @@ def train_top(
     )
     head.load_state_dict(best_state)
     return TrainResult(head.eval(), history, best_epoch, time.perf_counter() - start)
+
+
+def run(params, root: Path) -> dict:
+    """The ``top`` stage: train the head (on the cached features, or through the backbone with
+    ``top.augment``); write ``models/top`` and ``metrics/top.json``."""
+    from transferlab.atomic import write_json
+    from transferlab.backbones import load_backbone
+    from transferlab.classifiers.base import Classifier, save_classifier
+    from transferlab.classifiers.training import split_metrics, trained_parameters
+    from transferlab.layout import PARTS, labelled_features, split_images
+    from transferlab.methods import METHODS
+
+    method = METHODS["top"]
+    tp = params.top
+    data, classes = labelled_features(root)
+    feats = {k: torch.from_numpy(v) for k, v in data.items()}
+    backbone = load_backbone(params.features.backbone, params.features.pretrained)
+    if tp.augment:
+        imgs = split_images(
+            root, classes, backbone.spec, background=params.data.background, parts=("train", "val")
+        )
+        res = train_top(
+            n_classes=len(classes),
+            params=tp,
+            x_train=imgs["x_train"],
+            y_train=imgs["y_train"],
+            x_val=imgs["x_val"],
+            y_val=imgs["y_val"],
+            backbone=backbone,
+        )
+    else:
+        res = train_top(
+            n_classes=len(classes),
+            params=tp,
+            x_train=feats["x_train"].float(),
+            y_train=feats["y_train"],
+            x_val=feats["x_val"].float(),
+            y_val=feats["y_val"],
+        )
+    # the backbone is frozen, so its cached features are exactly what the classifier sees
+    preds = {p: predict(res.head, feats[f"x_{p}"].float()) for p in PARTS}
+    metrics = split_metrics(preds, {p: data[f"y_{p}"] for p in PARTS}, classes)
+    metrics.update(
+        {
+            "history": res.history,
+            "best_epoch": res.best_epoch,
+            "epochs_run": len(res.history),
+            "train_seconds": round(res.seconds, 4),
+            "trained_parameters": trained_parameters([res.head]),
+            "n_train": int(len(data["y_train"])),
+            "trained_on": "images" if tp.augment else "cached_features",
+        }
+    )
+    save_classifier(
+        Classifier(backbone, res.head, classes, method.name),
+        root / method.model_dir,
+        pretrained=params.features.pretrained,
+    )
+    write_json(root / method.metrics_file, metrics)
+    return {k: v for k, v in metrics.items() if isinstance(v, int | float | None)}

@@ -40,7 +40,9 @@ def log_learning_curve(
         mlflow.log_params({f"learning_curve.{k}": str(v) for k, v in lc.items()})
         for path in artifacts:
             mlflow.log_artifact(str(path))
-        for method in ("svm", "top", "full"):
+        from transferlab.methods import METHODS
+
+        for method in METHODS:
             mine = [r for r in rows if r["method"] == method]
             if not mine:
                 continue

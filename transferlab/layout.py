@@ -1,0 +1,106 @@
+"""The workspace's files, as ``dvc.yaml`` declares them, and the readers every stage shares.
+
+Stages talk through these files. This module sits below ``stages``, ``classifiers`` and
+``robustness`` (they all read the split and the features the same way), so none of them imports
+another's private helpers.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+    from transferlab.backbone_specs import BackboneSpec
+
+MANIFEST = "data/manifest.csv"
+REJECTED = "data/rejected.json"
+IMAGES = "data/images"
+SPLIT = "data/split.csv"
+FEATURES = "features/features.npz"
+CONFUSION_DIR = "plots/confusion"
+CHECKPOINT_DIR = ".transferlab/checkpoints"
+PARTS = ("train", "val", "test")
+
+
+def model_dir(method: str) -> str:
+    """Where a method's stage stores its classifier."""
+    return f"models/{method}"
+
+
+def metrics_file(method: str) -> str:
+    """Where a method's stage writes its accuracies, history and choices."""
+    return f"metrics/{method}.json"
+
+
+def checkpoint_file(method: str) -> str:
+    """A gradient-trained method's per-epoch checkpoint (deleted once the model is saved)."""
+    return f"{CHECKPOINT_DIR}/{method}.pt"
+
+
+def split_rows(root: Path) -> list[dict]:
+    """``data/split.csv`` as dicts (path, label, sha256, split)."""
+    with open(root / SPLIT, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def dataset_classes(root: Path) -> list[str]:
+    """The sorted class names of the split: index = logit position for every method."""
+    return sorted({r["label"] for r in split_rows(root)})
+
+
+def labelled_features(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Cached features per split (``x_<part>``: (N, D) float, ``y_<part>``: (N,) int64) and the
+    sorted class list."""
+    with np.load(root / FEATURES) as z:
+        feats, paths = z["features"], z["path"].tolist()
+    by_path = dict(zip(paths, range(len(paths)), strict=True))
+    rows = split_rows(root)
+    classes = sorted({r["label"] for r in rows})
+    out: dict[str, np.ndarray] = {}
+    for part in PARTS:
+        chosen = [r for r in rows if r["split"] == part]
+        out[f"x_{part}"] = feats[[by_path[r["path"]] for r in chosen]] if chosen else feats[:0]
+        out[f"y_{part}"] = np.array([classes.index(r["label"]) for r in chosen], dtype=np.int64)
+    return out, classes
+
+
+def split_images(
+    root: Path,
+    classes: list[str],
+    spec: BackboneSpec,
+    *,
+    background: tuple[int, int, int],
+    parts: tuple[str, ...] = PARTS,
+    limit: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Decoded images (``x_<part>``: (N, 3, S, S) in [0, 1] at ``spec``'s size) and labels
+    (``y_<part>``: (N,) int64) per split; ``limit`` keeps the first images of each part."""
+    import torch
+
+    from transferlab.features import load_images
+    from transferlab.progress import progress
+
+    rows = split_rows(root)
+    chosen = {p: [r for r in rows if r["split"] == p][:limit] for p in parts}
+    out: dict[str, torch.Tensor] = {}
+    # decoding hundreds of photos takes seconds: in chunks, so a bar can count them
+    chunk = 32
+    with progress(desc="decoding images", unit="img", total=sum(map(len, chosen.values()))) as bar:
+        for part, part_rows in chosen.items():
+            paths = [root / "data" / r["path"] for r in part_rows]
+            pieces = []
+            for i in range(0, len(paths), chunk):
+                pieces.append(load_images(paths[i : i + chunk], spec, background=background))
+                bar.update(len(pieces[-1]))
+            s = spec.input_size
+            out[f"x_{part}"] = torch.cat(pieces) if pieces else torch.empty(0, 3, s, s)
+            out[f"y_{part}"] = torch.tensor(
+                [classes.index(r["label"]) for r in part_rows], dtype=torch.long
+            )
+    return out

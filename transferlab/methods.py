@@ -1,0 +1,212 @@
+"""The method registry: the one place that says what an adaptation method is.
+
+An entry names the method, its ``params.yaml`` section (a pydantic model, defined here so that
+validating params never imports torch), the function that runs its stage, what it reads and
+whether it can be attacked. The config (its sections, ``attack.models``), the stages and
+``dvc.yaml``'s check, the CLI, the Prefect tasks, tracking, the report and the gate all read
+``METHODS``; none of them spells a method's name.
+
+Adding a method: its module (the stage body: train, evaluate, save), its section and entry here,
+its section in ``params.yaml`` and its stage in ``dvc.yaml``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from transferlab.layout import (
+    FEATURES,
+    IMAGES,
+    MANIFEST,
+    SPLIT,
+    checkpoint_file,
+    metrics_file,
+    model_dir,
+)
+from transferlab.section import Section
+
+# What a method's stage reads: the cached features, and/or the decoded images
+Input = Literal["features", "images"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One adaptation method.
+
+    Attributes:
+        name: the stage name, the ``params.yaml`` section and the folder under ``models/``.
+        params: the pydantic model of its section.
+        run: ``"module:function"``, the stage body ``(params, root) -> summary dict``; imported
+            only when the stage runs.
+        summary: one line for ``transferlab <name> --help``; details: the rest of it.
+        reads: its inputs (decides its ``dvc.yaml`` deps and params sections).
+        attackable: may be listed in ``attack.models`` (and is a dep of the attack stage).
+        trains_backbone: its backbone leaves eval mode when training (BatchNorm, dropout);
+            the frozen-backbone methods keep the ImageNet statistics.
+    """
+
+    name: str
+    params: type[Section]
+    run: str
+    summary: str
+    details: str = ""
+    reads: tuple[Input, ...] = ("features",)
+    attackable: bool = True
+    trains_backbone: bool = False
+
+    @property
+    def model_dir(self) -> str:
+        return model_dir(self.name)
+
+    @property
+    def metrics_file(self) -> str:
+        return metrics_file(self.name)
+
+    @property
+    def checkpoint(self) -> str:
+        return checkpoint_file(self.name)
+
+    @property
+    def deps(self) -> tuple[str, ...]:
+        """The workspace files its stage reads (``dvc.yaml``'s deps)."""
+        out: tuple[str, ...] = ()
+        if "features" in self.reads:
+            out += (FEATURES, SPLIT)
+        if "images" in self.reads:
+            out += tuple(p for p in (SPLIT, MANIFEST, IMAGES) if p not in out)
+        return out
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """The params sections its stage depends on (``dvc.yaml``'s params)."""
+        return (*(("data",) if "images" in self.reads else ()), "features", self.name, "split")
+
+    def stage(self) -> Callable[..., dict]:
+        """The stage body, imported now."""
+        module, _, attr = self.run.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Add ``method`` to ``METHODS``. Register before ``transferlab.config`` is imported: the
+    ``Params`` model is built from the registry once."""
+    if method.name in METHODS:
+        raise ValueError(f"method {method.name!r} is registered already")
+    METHODS[method.name] = method
+    return method
+
+
+def attackable_methods() -> tuple[str, ...]:
+    return tuple(m.name for m in METHODS.values() if m.attackable)
+
+
+# ---------------------------------------------------------------- sections
+
+
+class SvmParams(Section):
+    """A linear SVM (liblinear) on the features (``classifiers/svm.py``)."""
+
+    C: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    cv: int = Field(3, ge=2, description="stratified folds for choosing C")
+    class_weight: Literal["balanced"] | None = None
+    max_iter: int = Field(10_000, ge=1)
+
+    @field_validator("C")
+    @classmethod
+    def _positive(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if not v or any(c <= 0 for c in v):
+            raise ValueError("C must be a non-empty list of positive numbers")
+        return v
+
+
+class TrainParams(Section):
+    """What every gradient-trained method shares (the training loop, ``classifiers/loop.py``)."""
+
+    head: Literal["linear", "mlp"] = "linear"
+    hidden: int = Field(256, ge=1, description="MLP hidden units")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0)
+    # SGD with momentum at a small lr is the seed's advice; rmsprop is allowed but warned about
+    optimizer: Literal["sgd", "rmsprop"] = "sgd"
+    lr: float = Field(0.01, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(32, ge=1)
+    patience: int = Field(5, ge=1, description="early stopping: epochs without val improvement")
+    augment: bool = False
+    seed: int = 0
+
+
+class TopParams(TrainParams):
+    """A new head on the frozen backbone (``classifiers/top.py``). Without augmentation it
+    trains on the cached features (same result, far faster); with it, through the backbone."""
+
+
+class FullParams(TrainParams):
+    """Full fine-tuning of backbone + head (``classifiers/full.py``)."""
+
+    lr: float = Field(0.01, gt=0.0, description="head learning rate")
+    backbone_lr_ratio: float = Field(0.1, gt=0.0, le=1.0, description="backbone lr = lr * this")
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(16, ge=1)
+    patience: int = Field(3, ge=1)
+    augment: bool = True
+    warmup_epochs: float = Field(0.5, ge=0.0, description="linear warmup, then cosine decay")
+    grad_clip: float | None = Field(1.0, gt=0.0)
+    # epoch 0 trains the head only; each later epoch unfreezes one more backbone group (top down)
+    gradual_unfreeze: bool = False
+    unfreeze_groups: int = Field(4, ge=1)
+    # keep BatchNorm statistics frozen: small batches make them noisy
+    bn_train: bool = False
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU and AMX CPUs
+    image_size: int | None = Field(128, ge=16, description="input px (null: the backbone's)")
+    resume: bool = True
+
+
+# ---------------------------------------------------------------- the methods
+
+register(
+    Method(
+        name="svm",
+        params=SvmParams,
+        run="transferlab.classifiers.svm:run",
+        summary="Linear SVM (liblinear) on the features, C by cross-validation: models/svm/.",
+        details="Stored as backbone + one linear layer, so attacks reach it end to end.",
+    )
+)
+register(
+    Method(
+        name="top",
+        params=TopParams,
+        run="transferlab.classifiers.top:run",
+        summary="A new head on the frozen backbone (SGD, early stopping): models/top/.",
+        details="Trains on the cached features, or through the backbone with top.augment (then "
+        "it reads the images); the epoch bar shows the training loss and accuracy and the val "
+        "accuracy.",
+        reads=("features", "images"),
+    )
+)
+register(
+    Method(
+        name="full",
+        params=FullParams,
+        run="transferlab.classifiers.full:run",
+        summary="Full fine-tuning, checkpointed every epoch, resumable: models/full/.",
+        details="Backbone and head train together (SGD, a smaller learning rate for the "
+        "backbone, augmentation). An epoch bar and a batch bar show img/s and the running "
+        "training loss and accuracy: training accuracy near 1 with val accuracy lagging means "
+        "overfitting. While it runs, a checkpoint every epoch under .transferlab/checkpoints/, "
+        "so a re-run after a kill resumes (full.resume) and deletes it at the end.",
+        reads=("images",),
+        trains_backbone=True,
+    )
+)
