@@ -10,16 +10,19 @@ import logging
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated
 
 import click
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from transferlab.config import DEFAULT_PARAMS, ParamsError, load_params
 from transferlab.methods import METHODS
+from transferlab.redact import install_log_redaction, redact
 
 
 def _help(doc: str) -> str:
@@ -76,6 +79,7 @@ def _setup(params_path: Path, verbose: bool, quiet: bool):
     if quiet:  # for logs: no progress bars either (tqdm reads its defaults from TQDM_*)
         os.environ["TQDM_DISABLE"] = "1"
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    install_log_redaction()
     for noisy in ("urllib3", "alembic", "matplotlib", "PIL", "httpx", "mlflow.store"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     return load_params(params_path)
@@ -408,6 +412,7 @@ def _setup_logging_only(verbose: bool, quiet: bool) -> None:
     _verbose = verbose
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    install_log_redaction()
 
 
 @cache_app.command(
@@ -525,7 +530,7 @@ def _cell(value: object) -> str:
 def print_results(report: dict) -> None:
     out.print(_table("transferlab results", report["table"]))
     ml = report["mlflow"]
-    out.print(f"MLflow run {ml['parent']} in {ml['tracking_uri']}")
+    out.print(f"MLflow run {ml['parent']} in {escape(redact(ml['tracking_uri']))}")
     if report.get("html"):
         out.print(f"Report: {report['html']}")
     out.print("Open the MLflow UI with: [bold]make ui[/bold]  (then http://127.0.0.1:5000)")
@@ -645,6 +650,12 @@ def _interrupted(exc: BaseException) -> bool:
     return False
 
 
+def _error(text: str, hint: str = "") -> None:
+    """The one ``error:`` line: credentials in URLs masked, and the text printed literally
+    (rich would read ``/data/[train]`` as markup and drop the brackets)."""
+    err.print(f"[red]error:[/red] {escape(redact(text))}{hint}", highlight=False, soft_wrap=True)
+
+
 def main() -> None:
     """Console entry point: one clear line per error, tracebacks only with --verbose."""
     signal.signal(signal.SIGTERM, _terminate)
@@ -657,7 +668,7 @@ def main() -> None:
         if isinstance(code, int) and code:
             sys.exit(code)
     except ParamsError as exc:
-        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         sys.exit(2)
     except (click.exceptions.Exit, typer.Exit) as exc:
         sys.exit(exc.exit_code)
@@ -667,7 +678,7 @@ def main() -> None:
         if hasattr(exc, "show"):
             exc.show()
         else:
-            err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+            _error(str(exc))
         sys.exit(exc.exit_code)
     except (click.exceptions.Abort, typer.Abort, KeyboardInterrupt):
         err.print("interrupted: finished outputs are kept; re-run to continue")
@@ -679,13 +690,8 @@ def main() -> None:
             err.print("interrupted: finished outputs are kept; re-run to continue")
             sys.exit(130)
         if _verbose:
-            err.print_exception()
-        err.print(
-            f"[red]error:[/red] {type(exc).__name__}: {exc}"
-            "  (re-run with --verbose for the traceback)",
-            highlight=False,
-            soft_wrap=True,
-        )
+            err.print(redact(traceback.format_exc()), markup=False, highlight=False)
+        _error(f"{type(exc).__name__}: {exc}", "  (re-run with --verbose for the traceback)")
         sys.exit(1)
 
 

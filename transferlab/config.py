@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, ValidationError, create_model, field_validator
+from pydantic import (
+    BaseModel,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
 
 from transferlab.methods import (  # noqa: F401  (re-exported: the sections' old home)
     METHODS,
@@ -24,13 +31,41 @@ from transferlab.methods import (  # noqa: F401  (re-exported: the sections' old
     TrainParams,
     attackable_methods,
 )
-from transferlab.section import Section
+from transferlab.names import UnsafeName, data_name, data_path, metric_key
+from transferlab.redact import redact, url_credentials
+from transferlab.section import MAX_INT, Section, Seed  # noqa: F401  (MAX_INT: re-exported)
 
 DEFAULT_PARAMS = Path("params.yaml")
+# A params file is a few KB; these bounds stop a hostile one (a huge file, or a "billion laughs"
+# of nested YAML aliases that expands a 1 KB file into gigabytes) before it costs memory.
+MAX_PARAMS_BYTES = 1 << 20
+MAX_PARAMS_NODES = 100_000
 
 
 class ParamsError(ValueError):
     """A params file that cannot be used; the message is one line naming key, file and fix."""
+
+
+def _no_credentials(url: str | None) -> str | None:
+    """Refuse secrets in a URL: params are logged, stored by MLflow and copied into dvc.lock."""
+    if url is not None and (what := url_credentials(url)):
+        raise ValueError(
+            f"the URL holds {what}; params are logged and stored, so put credentials in the "
+            "environment or configuration instead (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+            "AWS_PROFILE, ~/.aws/credentials, MLFLOW_TRACKING_USERNAME/PASSWORD, ~/.netrc)"
+        )
+    return url
+
+
+def _data_names(v: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """Class names given in params: the same rule as names found in data (names.data_name)."""
+    try:
+        out = tuple(data_name(n) for n in v)
+    except UnsafeName as exc:
+        raise ValueError(f"{what} {exc}") from None
+    if len(set(out)) != len(out):
+        raise ValueError(f"{what} must not repeat")
+    return out
 
 
 def parse_eps(value: Any) -> float:
@@ -77,7 +112,23 @@ class TuxpaintSource(Section):
 
     kind: Literal["tuxpaint_photos"] = "tuxpaint_photos"
     path: Path = Path("/usr/share/tuxpaint/stamps")
-    classes: dict[str, tuple[str, ...]] = Field(default_factory=lambda: dict(TUXPAINT_CLASSES))
+    classes: dict[str, tuple[str, ...]] = Field(
+        default_factory=lambda: dict(TUXPAINT_CLASSES), min_length=2
+    )
+
+    @field_validator("classes")
+    @classmethod
+    def _class_folders(cls, v: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        out: dict[str, tuple[str, ...]] = {}
+        for label, folders in v.items():
+            (name,) = _data_names((label,), "class name")
+            if not folders:
+                raise ValueError(f"class {name!r} lists no folder; name at least one")
+            try:
+                out[name] = tuple(data_path(f).as_posix() for f in folders)
+            except UnsafeName as exc:
+                raise ValueError(f"class {name!r}: folder {exc}") from None
+        return out
 
 
 # Sources that are not a local folder still have a `path`: dvc.yaml's pull stage depends on
@@ -106,10 +157,20 @@ class IdxSource(Section):
 
     kind: Literal["idx"] = "idx"
     path: Path
-    splits: tuple[str, ...] = ("train", "t10k")
+    splits: tuple[str, ...] = Field(("train", "t10k"), min_length=1)
     # label index -> class name; digits when empty
     classes: tuple[str, ...] = ()
     per_class: int | None = Field(None, ge=1, description="keep at most this many per class")
+
+    @field_validator("classes")
+    @classmethod
+    def _class_names(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _data_names(v, "class name")
+
+    @field_validator("splits")
+    @classmethod
+    def _splits(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return _data_names(v, "split name")
 
 
 class HttpSource(Section):
@@ -122,8 +183,18 @@ class HttpSource(Section):
     # folder inside the archive whose subfolders are the classes ("" = the archive's root, or
     # its only top-level folder)
     root: str = ""
-    retries: int = Field(5, ge=0)
+    retries: int = Field(5, ge=0, le=100)
     timeout: float = Field(30.0, gt=0)
+
+    _url = field_validator("url")(classmethod(lambda cls, v: _no_credentials(v)))
+
+    @field_validator("root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        try:
+            return data_path(v.strip("/")).as_posix() if v.strip("/") else ""
+        except UnsafeName as exc:
+            raise ValueError(f"a folder inside the archive: {exc}") from None
 
 
 class S3Source(Section):
@@ -139,9 +210,11 @@ class S3Source(Section):
     region: str | None = None
     path: Path = DOWNLOADS
     # 10, like aws s3 sync's max_concurrent_requests: more threads only add GIL contention
-    workers: int = Field(10, ge=1, description="parallel downloads")
-    retries: int = Field(4, ge=0)
+    workers: int = Field(10, ge=1, le=256, description="parallel downloads")
+    retries: int = Field(4, ge=0, le=100)
     timeout: float = Field(10.0, gt=0)
+
+    _urls = field_validator("url", "endpoint_url")(classmethod(lambda cls, v: _no_credentials(v)))
 
 
 TORCHVISION_DATASETS = (
@@ -193,7 +266,7 @@ class FashionMnistSource(Section):
     kind: Literal["fashion_mnist"] = "fashion_mnist"
     path: Path = Path("/usr/share/datasets/fashion-mnist")
     cache: Path = DOWNLOADS
-    splits: tuple[Literal["train", "t10k"], ...] = ("train", "t10k")
+    splits: tuple[Literal["train", "t10k"], ...] = Field(("train", "t10k"), min_length=1)
     per_class: int | None = Field(None, ge=1, description="keep at most this many per class")
 
 
@@ -212,10 +285,17 @@ Source = Annotated[
 
 class DataParams(Section):
     source: Source = Field(default_factory=TuxpaintSource)
-    min_size: int = Field(32, ge=1, description="reject images whose shorter side is smaller")
+    # Judged by pixel count, not the shorter side: a 400x30 banner (12,000 pixels) is a usable
+    # photo, and the backbone resizes every image anyway.
+    min_size: int = Field(
+        32, ge=1, description="reject images with fewer pixels than min_size x min_size"
+    )
     max_pixels: int = Field(
         64_000_000, ge=1, description="reject larger images (decompression bombs)"
     )
+    # Checked before a file is read: an 8 GB sparse "x.jpg" is one rejected file, not a
+    # MemoryError for the whole pull. 256 MB is far above any camera's JPEG or PNG.
+    max_bytes: int = Field(256_000_000, ge=1, description="reject larger image files")
     background: tuple[int, int, int] = (255, 255, 255)
 
     @field_validator("background")
@@ -227,13 +307,22 @@ class DataParams(Section):
 
 
 class SplitParams(Section):
-    seed: int = 0
+    seed: Seed = 0
     val: float = Field(0.2, ge=0.0, lt=1.0)
     test: float = Field(0.25, gt=0.0, lt=1.0)
     per_class: int | None = Field(None, ge=1, description="cap images per class")
     # few-shot: train on N images per class (nested: the 5 shots include the 2 shots of the
     # same seed); val and test stay exactly as without shots, so runs compare
     shots: int | None = Field(None, ge=1, description="training images per class")
+
+    @model_validator(mode="after")
+    def _room_for_train(self) -> SplitParams:
+        if self.val + self.test >= 1.0:
+            raise ValueError(
+                f"split.val + split.test = {self.val + self.test:g} leaves nothing to train on; "
+                "keep their sum below 1 (e.g. val: 0.2, test: 0.25)"
+            )
+        return self
 
 
 # ---------------------------------------------------------------- features
@@ -278,8 +367,8 @@ class LearningCurveParams(Section):
     of Fashion-MNIST (Debian ``dataset-fashion-mnist`` IDX files), one held-out test set."""
 
     idx_dir: Path = Path("/usr/share/datasets/fashion-mnist")
-    n_per_class: tuple[int, ...] = (1, 5, 25, 100)
-    seeds: tuple[int, ...] = (0, 1, 2)
+    n_per_class: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 25, 100), min_length=1)
+    seeds: tuple[Seed, ...] = Field((0, 1, 2), min_length=1)
     test_per_class: int = Field(20, ge=1)
     # every method sees the same upscaled images; small, because full fine-tuning runs on a CPU
     image_size: int = Field(32, ge=16)
@@ -429,7 +518,7 @@ class AttackParams(Section):
     report_eps: float = 4 / 255
     max_images: int = Field(64, ge=1, description="attack at most this many test images")
     batch_size: int = Field(16, ge=1)
-    seed: int = 0
+    seed: Seed = 0
     precision: Literal["fp32", "bf16"] = "fp32"
     # finished shards (model x attack x eps x batch) are kept here so a killed run resumes
     work_dir: Path = Path(".transferlab/attack-work")
@@ -485,6 +574,8 @@ class TrackingParams(Section):
     experiment: str = Field("transferlab", min_length=1)
     # MLFLOW_TRACKING_URI in the environment wins over this.
     tracking_uri: str = "sqlite:///mlruns.db"
+
+    _uri = field_validator("tracking_uri")(classmethod(lambda cls, v: _no_credentials(v)))
     artifact_dir: Path = Path("mlartifacts")
 
 
@@ -498,6 +589,8 @@ class RunnerParams(Section):
     # an existing cluster: dask "tcp://host:8786", ray "ray://host:10001"; null starts a local one
     address: str | None = None
     workers: int = Field(2, ge=1, description="workers of the local cluster (no address)")
+
+    _address = field_validator("address")(classmethod(lambda cls, v: _no_credentials(v)))
     shards: int | None = Field(
         None, ge=1, description="manifest shards to map over (null: 1 local, else workers)"
     )
@@ -537,13 +630,17 @@ class ParamsBase(Section):
         return hashlib.sha256(blob.encode()).hexdigest()
 
     def flat(self) -> dict[str, str]:
-        """``section.key`` -> value strings, for MLflow params."""
+        """``section.key`` -> value strings, for MLflow params.
+
+        Keys below a mapping can be class names (``data.source.classes``), so every key goes
+        through :func:`~transferlab.names.metric_key`.
+        """
         out: dict[str, str] = {}
 
         def walk(prefix: str, value: Any) -> None:
             if isinstance(value, dict):
                 for k, v in value.items():
-                    walk(f"{prefix}.{k}" if prefix else str(k), v)
+                    walk(metric_key(f"{prefix}.{k}" if prefix else str(k)), v)
             else:
                 out[prefix] = json.dumps(value) if isinstance(value, list) else str(value)
 
@@ -644,7 +741,71 @@ def _one_line(err: ValidationError, file: Path) -> str:
         msg = f"allowed values are {first['ctx']['expected']}"
     elif kind == "union_tag_invalid":
         msg = f"unknown kind; allowed values are {first['ctx']['expected_tags']}"
-    return f"{file}: {key}: {msg} (got {first.get('input')!r})"
+    return f"{file}: {key}: {msg} (got {_short_repr(first.get('input'))})"
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: an error line quotes a value, never a whole tree."""
+    if isinstance(value, dict | list | tuple) and _expanded_size(value, limit) > limit:
+        text = f"<a {type(value).__name__} of {len(value)} item(s)>"
+    else:
+        text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
+def _expanded_size(value: Any, limit: int) -> int:
+    """Nodes of ``value`` counted as if every shared (aliased) part were copied out, up to
+    ``limit``: what printing, hashing or dumping it would walk. Stops early, so a structure that
+    expands to billions of nodes costs ``limit`` steps; a cycle counts as over the limit."""
+    count = 0
+    stack = [(value, frozenset())]
+    while stack:
+        node, above = stack.pop()
+        count += 1
+        if count > limit:
+            return count
+        if isinstance(node, dict | list | tuple):
+            if id(node) in above:
+                return limit + 1
+            inner = above | {id(node)}
+            items = [*node.keys(), *node.values()] if isinstance(node, dict) else node
+            stack.extend((child, inner) for child in items)
+    return count
+
+
+def _read_yaml(path: Path) -> Any:
+    """The YAML of a params file, within the size, encoding and expansion bounds."""
+    size = path.stat().st_size
+    if size > MAX_PARAMS_BYTES:
+        raise ParamsError(
+            f"{path}: {size} bytes is too large for a params file (limit {MAX_PARAMS_BYTES}); "
+            "check that --params names the right file"
+        )
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ParamsError(
+            f"{path}: not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset {exc.start});"
+            " save the file as UTF-8"
+        ) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = _short_repr(str(getattr(exc, "problem", None) or exc), 200)
+        raise ParamsError(f"{path}: invalid YAML{where}: {problem}") from None
+    except RecursionError:
+        raise ParamsError(f"{path}: YAML nested too deeply; flatten the file") from None
+    if _expanded_size(raw, MAX_PARAMS_NODES) > MAX_PARAMS_NODES:
+        raise ParamsError(
+            f"{path}: the YAML expands to more than {MAX_PARAMS_NODES} values (nested aliases "
+            "'*name' that repeat whole trees, or a self-reference); write the values out"
+        )
+    return raw
+
+
+_MAX_ERROR = 1000
 
 
 def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
@@ -656,12 +817,7 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found; pass --params PATH or create it")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ParamsError(f"{path}: invalid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    raw = _read_yaml(path)
     if raw is None:
         raise ParamsError(f"{path}: the file is empty; copy the sections from the README")
     if not isinstance(raw, dict):
@@ -669,4 +825,5 @@ def load_params(path: Path | str = DEFAULT_PARAMS) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
-        raise ParamsError(_one_line(err, path)) from None
+        # Redacted: a refused URL with credentials must not print them either.
+        raise ParamsError(redact(_one_line(err, path))[:_MAX_ERROR]) from None

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.methods import METHODS  # noqa: F401  (the registry's names, re-exported)
+from transferlab.names import metric_key
 from transferlab.report import save_figure
 from transferlab.tracking import MethodRecord
 
@@ -61,7 +62,8 @@ def method_record(
         scalars.setdefault("train_seconds", scalars["fit_seconds"])
     for cls, acc in (metrics.get("per_class_test_acc") or {}).items():
         if acc is not None:
-            scalars[f"test_acc_class_{cls}"] = acc
+            # class names come from data: emoji, "'", "&", "(" are not valid MLflow keys
+            scalars[metric_key(f"test_acc_class_{cls}")] = acc
     series: dict[str, list[tuple[int, float]]] = {}
     for row in metrics.get("history", []):
         for key, value in row.items():

@@ -28,7 +28,7 @@ from transferlab.layout import (
     metrics_file,
     model_dir,
 )
-from transferlab.section import Section
+from transferlab.section import Section, Seed
 
 # What a method's stage reads: the cached features, and/or the decoded images
 Input = Literal["features", "images"]
@@ -143,7 +143,7 @@ class TrainParams(Section):
     batch_size: int = Field(32, ge=1)
     patience: int = Field(5, ge=1, description="early stopping: epochs without val improvement")
     augment: bool = False
-    seed: int = 0
+    seed: Seed = 0
 
 
 class TopParams(TrainParams):

@@ -28,9 +28,11 @@ class ImageRejected(ValueError):
             truncated"``.
     """
 
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
+    def __init__(self, reason: str, path: Path | None = None) -> None:
+        # the message names the file when known: a later stage's error must say which image
+        super().__init__(f"{path}: {reason}" if path is not None else reason)
         self.reason = reason
+        self.path = path
 
 
 def open_rgb(
@@ -63,8 +65,11 @@ def open_rgb(
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
-        raise ImageRejected(f"unreadable: {exc.strerror or exc}") from None
-    return decode_rgb(data, background=background, max_pixels=max_pixels, keep_gray=keep_gray)
+        raise ImageRejected(f"unreadable: {exc.strerror or exc}", path) from None
+    try:
+        return decode_rgb(data, background=background, max_pixels=max_pixels, keep_gray=keep_gray)
+    except ImageRejected as exc:
+        raise ImageRejected(exc.reason, path) from None
 
 
 def decode_rgb(

@@ -5,20 +5,33 @@ Output layout under ``out_dir``::
     images/<class>/<path inside the class>   original bytes of each accepted file
     manifest.csv                              path,label,sha256,width,height,source
     rejected.json                             [{"source": uri, "reason": text}, ...]
+    pull-index.json                           what each source file gave last time (below)
 
 The three are replaced together at the end, so a failed run leaves the previous dataset whole.
+
+The pull is incremental. ``pull-index.json`` records, per source file, its size, mtime and
+sha256 and the outcome (accepted with its size in pixels, or the reason for rejecting it), plus
+the size and mtime of the copy under ``images/``. A file whose size and mtime are unchanged, and
+whose copy is untouched, is hard-linked into the new dataset without being read; a file read
+again (a source converted afresh each run, like IDX) whose sha256 is unchanged is not decoded
+again. Anything else is checked in full. The index only ever saves work: a missing, stale or
+damaged index means a full check, never a different dataset.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
 import multiprocessing
 import os
 import shutil
+import socket
+import stat
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -27,8 +40,9 @@ from pathlib import Path
 
 from transferlab.config import DataParams, FolderSource
 from transferlab.data.images import ImageRejected, decode_rgb
-from transferlab.data.manifest import MANIFEST_COLUMNS, write_csv_atomic
+from transferlab.data.manifest import MANIFEST_COLUMNS, read_manifest, write_csv_atomic
 from transferlab.data.sources import IMAGE_EXTENSIONS, DataSourceError, SourceFile, list_source
+from transferlab.names import UnsafeName, data_name, data_path
 from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
@@ -36,6 +50,15 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.csv"
 REJECTED_NAME = "rejected.json"
 IMAGES_DIR = "images"
+INDEX_NAME = "pull-index.json"
+_INDEX_VERSION = 1
+# Temporary folders of a pull in progress: out_dir/.pull-<random>/, with an owner file naming the
+# process, so that a later pull can remove those a killed pull left behind.
+_TMP_PREFIX = ".pull-"
+_OWNER = "owner.json"
+# A temporary folder without an owner file (written right after the folder is made) is someone
+# else's only in its first moments.
+_UNOWNED_GRACE_S = 3600.0
 # Starting a worker process (and importing numpy, Pillow, pydantic in it) costs about as much as
 # decoding 16-32 MB of PNG or JPEG in this one, so give each worker at least this many bytes.
 _BYTES_PER_WORKER = 32 << 20
@@ -63,45 +86,84 @@ class PullResult:
 
 
 @dataclass(frozen=True)
+class _Checked:
+    """The outcome for one source file; ``reason`` set means rejected."""
+
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    reason: str | None = None
+    size: int = -1  # the source file's size and mtime when it was read (-1: not read)
+    mtime_ns: int = -1
+    copy_mtime_ns: int = -1  # mtime of the copy under images/ (accepted files)
+
+
+@dataclass(frozen=True)
 class _Job:
     src: str
     dest: str
     min_size: int
     max_pixels: int
+    max_bytes: int
     background: tuple[int, int, int]
-
-
-@dataclass(frozen=True)
-class _Checked:
-    sha256: str = ""
-    width: int = 0
-    height: int = 0
-    reason: str | None = None
+    # what the index says these bytes gave last time: if the sha256 still matches, no decode
+    known: _Checked | None = None
 
 
 def _check(job: _Job) -> _Checked:
     """Validate one file and, if usable, copy its bytes to ``job.dest`` (runs in a worker).
 
     Reading the bytes once for hash, decode and copy means the recorded hash is always that of
-    the copied bytes, even if the original changes meanwhile.
+    the copied bytes, even if the original changes meanwhile. The size is judged from the file's
+    metadata before it is read, so a huge (or sparse, or endless) file costs nothing.
     """
     try:
-        data = Path(job.src).read_bytes()
+        # stat follows links: those left in the listing stay inside the source (sources.py)
+        st = os.stat(job.src)
+        if not stat.S_ISREG(st.st_mode):
+            return _Checked(reason="not a regular file (a device, FIFO or socket)")
+        if st.st_size > job.max_bytes:
+            return _Checked(
+                reason=f"too large: {st.st_size} bytes > data.max_bytes {job.max_bytes}"
+            )
+        with open(job.src, "rb") as f:
+            data = f.read(job.max_bytes + 1)
     except OSError as exc:
         return _Checked(reason=f"unreadable: {exc.strerror or exc}")
+    except MemoryError:
+        return _Checked(reason="unreadable: out of memory while reading")
+    if len(data) > job.max_bytes:  # it grew after the stat
+        return _Checked(reason=f"too large: over data.max_bytes {job.max_bytes} bytes")
+    sha = hashlib.sha256(data).hexdigest()
+    read = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
+    known = job.known
+    if known is not None and known.sha256 == sha:
+        checked = dataclasses.replace(known, **read)  # same bytes: same verdict, no decode
+    else:
+        checked = _Checked(**read, **_judge(data, job))
+    if checked.reason is None:
+        dest = Path(job.dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.write_bytes(data)
+        checked = dataclasses.replace(checked, copy_mtime_ns=dest.stat().st_mtime_ns)
+    return checked
+
+
+def _judge(data: bytes, job: _Job) -> dict:
+    """Decode ``data``: its size in pixels, or why it is refused."""
     try:
         im = decode_rgb(data, background=job.background, max_pixels=job.max_pixels)
     except ImageRejected as exc:
-        return _Checked(reason=exc.reason)
+        return {"reason": exc.reason}
     width, height = im.size
-    if min(width, height) < job.min_size:
-        return _Checked(
-            reason=f"too small: {width}x{height}, shorter side < min_size {job.min_size}"
-        )
-    dest = Path(job.dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    dest.write_bytes(data)
-    return _Checked(sha256=hashlib.sha256(data).hexdigest(), width=width, height=height)
+    # Pixel count, not the shorter side: a 400x30 banner is as usable as a 110x110 photo
+    # once the backbone has resized it.
+    if width * height < job.min_size**2:
+        return {
+            "reason": f"too small: {width}x{height} = {width * height} pixels < "
+            f"min_size^2 = {job.min_size**2}"
+        }
+    return {"width": width, "height": height}
 
 
 def _auto_workers(jobs: Sequence[_Job]) -> int:
@@ -176,8 +238,9 @@ def pull_dataset(
         )
     created, listed = not out_dir.exists(), False
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp(out_dir)
     # Inside out_dir, so the final renames stay on one filesystem and are atomic.
-    tmp = Path(tempfile.mkdtemp(prefix=".pull-", dir=out_dir))
+    tmp = _make_tmp(out_dir)
     try:
         files, classes = list_source(params.source, tmp / "src")
         listed = True
@@ -188,21 +251,13 @@ def pull_dataset(
                 f"no images found under {root} (class folders: {found}); expected "
                 f"<class>/<image> files ending in one of: {exts}"
             )
+        files = _named(files)
         new = tmp / "new"
-        jobs = [
-            _Job(
-                src=str(f.path),
-                dest=str(new / IMAGES_DIR / f.label / f.rel),
-                min_size=params.min_size,
-                max_pixels=params.max_pixels,
-                background=tuple(params.background),
-            )
-            for f in files
-        ]
         (new / IMAGES_DIR).mkdir(parents=True)
+        rules = _rules(params)
         # Finish every worker before going on, so none still writes into tmp if a later step
         # fails and tmp is removed.
-        results = list(_run_checks(jobs, workers))
+        results = _check_all(files, params, new, out_dir, _read_index(out_dir, rules), workers)
         rows, rejected = _collect(files, results, new)
         kept = Counter(row["label"] for row in rows)
         _summarise(files, classes, kept, rejected)
@@ -213,6 +268,7 @@ def pull_dataset(
         (new / REJECTED_NAME).write_text(
             json.dumps(rejected, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
+        _write_index(new / INDEX_NAME, rules, files, results)
         _swap_in(new, tmp / "previous", out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -231,6 +287,146 @@ def pull_dataset(
         empty=empty,
         small=small,
     )
+
+
+def _named(files: Sequence[SourceFile]) -> list[SourceFile]:
+    """Every label and file name through :mod:`transferlab.names` (NFC, safe for each sink);
+    a file whose name is refused, or collides with another's after normalising, is rejected."""
+    out: list[SourceFile] = []
+    seen: set[tuple[str, str]] = set()
+    for f in files:
+        if f.problem is None:
+            try:
+                f = dataclasses.replace(
+                    f, label=data_name(f.label), rel=data_path(f.rel.as_posix())
+                )
+            except UnsafeName as exc:
+                f = dataclasses.replace(f, problem=f"unsafe name: {exc}")
+            else:
+                key = (f.label, f.rel.as_posix())
+                if key in seen:
+                    f = dataclasses.replace(
+                        f, problem=f"same name as another file: {f.label}/{key[1]}"
+                    )
+                seen.add(key)
+        out.append(f)
+    return out
+
+
+# ------------------------------------------------------------------ incremental pull
+
+
+def _rules(params: DataParams) -> dict:
+    """What a file's verdict depends on besides its bytes; the index holds only under these."""
+    return {
+        "version": _INDEX_VERSION,
+        "min_size": params.min_size,
+        "max_pixels": params.max_pixels,
+        "max_bytes": params.max_bytes,
+    }
+
+
+def _index_key(f: SourceFile) -> str:
+    return f"{f.label}/{f.rel.as_posix()}|{f.uri}"
+
+
+def _read_index(out_dir: Path, rules: dict) -> dict[str, list]:
+    """The previous pull's index, or {} when missing, damaged or made under other rules."""
+    try:
+        index = json.loads((out_dir / INDEX_NAME).read_text(encoding="utf-8"))
+        if index.get("rules") == rules and isinstance(index.get("files"), dict):
+            return index["files"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    return {}
+
+
+def _write_index(
+    path: Path, rules: dict, files: Sequence[SourceFile], results: Sequence[_Checked]
+) -> None:
+    entries = {
+        _index_key(f): [r.size, r.mtime_ns, r.sha256, r.width, r.height, r.reason, r.copy_mtime_ns]
+        for f, r in zip(files, results, strict=True)
+        if r.size >= 0  # only what was read: "unreadable" and friends are tried again
+    }
+    text = json.dumps({"rules": rules, "files": entries}, separators=(",", ":"))
+    path.write_text(text, encoding="utf-8")
+
+
+def _known(entry: list) -> _Checked | None:
+    try:
+        size, mtime_ns, sha, width, height, reason, copy_mtime_ns = entry
+        return _Checked(sha, width, height, reason, size, mtime_ns, copy_mtime_ns)
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_all(
+    files: Sequence[SourceFile],
+    params: DataParams,
+    new: Path,
+    out_dir: Path,
+    index: dict[str, list],
+    workers: int | None,
+) -> list[_Checked]:
+    """The verdict on every file, in ``files`` order, accepted ones copied under ``new``.
+
+    Unchanged files (same size and mtime as in the index, copy under ``out_dir`` untouched) are
+    linked from the previous dataset here; the rest go to :func:`_check` in worker processes.
+    """
+    results: list[_Checked | None] = [None] * len(files)
+    jobs: list[tuple[int, _Job]] = []
+    made: set[Path] = set()
+    for i, f in enumerate(files):
+        if f.problem is not None:
+            results[i] = _Checked(reason=f.problem)
+            continue
+        rel = Path(IMAGES_DIR, f.label, f.rel)
+        known = _known(index[_index_key(f)]) if _index_key(f) in index else None
+        if known is not None and (reused := _reuse(f.path, known, out_dir / rel, new / rel, made)):
+            results[i] = reused
+            continue
+        job = _Job(
+            src=str(f.path),
+            dest=str(new / rel),
+            min_size=params.min_size,
+            max_pixels=params.max_pixels,
+            max_bytes=params.max_bytes,
+            background=tuple(params.background),
+            known=known,
+        )
+        jobs.append((i, job))
+    if reused := sum(r is not None and r.size >= 0 for r in results):
+        log.info("%d file(s) unchanged since the last pull, not read again", reused)
+    for (i, _), result in zip(jobs, _run_checks([j for _, j in jobs], workers), strict=True):
+        results[i] = result
+    return results  # type: ignore[return-value]
+
+
+def _reuse(src: Path, known: _Checked, old: Path, dest: Path, made: set[Path]) -> _Checked | None:
+    """``known`` again if ``src`` is unchanged (size, mtime) and its previous copy ``old`` is
+    intact (same size, not modified since), with ``old`` linked to ``dest``; else None."""
+    try:
+        st = os.stat(src)
+        if (st.st_size, st.st_mtime_ns) != (known.size, known.mtime_ns):
+            return None
+        if known.reason is not None:
+            return known  # rejected last time, unchanged since: rejected again
+        ost = os.lstat(old)
+        # The copy must be the very file this pull wrote: same size and mtime (an edited or
+        # replaced copy is read again from the source).
+        if not stat.S_ISREG(ost.st_mode) or (ost.st_size, ost.st_mtime_ns) != (
+            known.size,
+            known.copy_mtime_ns,
+        ):
+            return None
+        if dest.parent not in made:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            made.add(dest.parent)
+        os.link(old, dest)
+    except OSError:
+        return None
+    return known
 
 
 def _collect(
@@ -357,8 +553,9 @@ def _swap_in(new: Path, backup: Path, out_dir: Path) -> None:
         else:
             undo.append((images, None))
         os.replace(new / IMAGES_DIR, images)
-        # The manifest goes last: it names the dataset, so it must not move ahead of its images.
-        for name in (REJECTED_NAME, MANIFEST_NAME):
+        # The manifest goes after the images: it names the dataset, so it must not move ahead
+        # of them. The index last: a stale one only costs a full check (see _reuse).
+        for name in (REJECTED_NAME, MANIFEST_NAME, INDEX_NAME):
             target = out_dir / name
             if target.exists():
                 _keep_copy(target, backup / name)
@@ -378,6 +575,81 @@ def _swap_in(new: Path, backup: Path, out_dir: Path) -> None:
             except OSError:
                 log.exception("could not restore %s", path)
         raise
+
+
+# ------------------------------------------------------------------ temporary folders
+
+
+def _make_tmp(out_dir: Path) -> Path:
+    tmp = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX, dir=out_dir))
+    owner = {"pid": os.getpid(), "host": socket.gethostname()}
+    (tmp / _OWNER).write_text(json.dumps(owner), encoding="utf-8")
+    return tmp
+
+
+def remove_stale_tmp(out_dir: Path) -> list[Path]:
+    """Remove the ``.pull-*`` folders that killed pulls left in ``out_dir``.
+
+    A folder is stale when the process named in its owner file is gone (on this host), or when
+    it has no owner file and is over an hour old. A live pull's folder is never touched, so this
+    is safe even without the workspace lock (the stages hold it anyway). Links are not followed.
+
+    Returns:
+        The folders removed.
+    """
+    removed = []
+    host = socket.gethostname()
+    for tmp in Path(out_dir).glob(f"{_TMP_PREFIX}*"):
+        if tmp.is_symlink() or not tmp.is_dir():
+            continue
+        stale = False
+        try:
+            owner = json.loads((tmp / _OWNER).read_text(encoding="utf-8"))
+            stale = owner["host"] == host and not _alive(int(owner["pid"]))
+        except (OSError, ValueError, KeyError, TypeError):
+            with contextlib.suppress(OSError):
+                stale = time.time() - tmp.stat().st_mtime > _UNOWNED_GRACE_S
+        if stale:
+            log.info("removing %s, left by an interrupted pull", tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def dataset_problem(out_dir: Path) -> str | None:
+    """Why the pulled dataset in ``out_dir`` is not whole (a file listed in the manifest is
+    missing, or an unlisted one appeared under ``images/``), or None when it is.
+
+    Cheap (names only, no reading), so a cached pull can be trusted only when this is None.
+    """
+    manifest = Path(out_dir) / MANIFEST_NAME
+    try:
+        listed = {row["path"] for row in read_manifest(manifest)}
+    except (OSError, ValueError, KeyError) as exc:
+        return f"{manifest} cannot be read: {exc}"
+    images = Path(out_dir) / IMAGES_DIR
+    present = {
+        Path(dirpath, name).relative_to(out_dir).as_posix()
+        for dirpath, _, names in os.walk(images)
+        for name in names
+    }
+    if missing := sorted(listed - present):
+        return f"{len(missing)} image(s) listed in {manifest} are missing, e.g. {missing[0]}"
+    if extra := sorted(present - listed):
+        return f"{len(extra)} file(s) under {images} are not in {manifest}, e.g. {extra[0]}"
+    return None
 
 
 def _keep_copy(src: Path, dst: Path) -> None:

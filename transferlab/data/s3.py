@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 
 from transferlab.config import S3Source
 from transferlab.data.sources import IMAGE_EXTENSIONS, DataSourceError, _is_junk
+from transferlab.names import UnsafeName, data_path
 from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,8 @@ class SyncResult:
     downloaded: int
     skipped: int
     objects: list[S3Object]
+    # (key, reason) of image objects whose key no local file may be named after; not downloaded
+    refused: tuple[tuple[str, str], ...] = ()
 
 
 def parse_url(url: str) -> tuple[str, str]:
@@ -122,21 +125,28 @@ def _is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
-def _list(client, bucket: str, prefix: str) -> tuple[list[S3Object], list[str]]:
+def _list(
+    client, bucket: str, prefix: str
+) -> tuple[list[S3Object], list[str], list[tuple[str, str]]]:
     objects: list[S3Object] = []
     classes: set[str] = set()
+    refused: list[tuple[str, str]] = []
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
     for page in pages:
         for obj in page.get("Contents", []):
             rest = obj["Key"][len(prefix) :]
-            parts = PurePosixPath(rest).parts
-            if len(parts) < 2 or rest.endswith("/"):
-                continue  # objects at the prefix root have no class; "folder" markers
-            if any(_is_junk(p) for p in parts) or not _is_image_name(parts[-1]):
-                continue  # .DS_Store, __MACOSX/, text files: not worth the download
-            if ".." in parts:
-                log.warning("skipping S3 key %r: '..' would escape the cache", obj["Key"])
+            if rest.endswith("/") or not _is_image_name(rest):
+                continue  # "folder" markers, text files: not worth the download
+            try:
+                # The local name is built from the key: "prefix//abs/x.png" or "a/../../x.png"
+                # must not become a path outside the cache.
+                parts = data_path(rest).parts
+            except UnsafeName as exc:
+                log.warning("not downloading s3://%s/%s: %s", bucket, obj["Key"], exc.reason)
+                refused.append((obj["Key"], f"unsafe name: {exc}"))
                 continue
+            if len(parts) < 2 or any(_is_junk(p) for p in parts):
+                continue  # objects at the prefix root have no class; .DS_Store, __MACOSX/
             classes.add(parts[0])
             objects.append(
                 S3Object(
@@ -147,7 +157,7 @@ def _list(client, bucket: str, prefix: str) -> tuple[list[S3Object], list[str]]:
                     rel=PurePosixPath(*parts[1:]),
                 )
             )
-    return objects, sorted(classes)
+    return objects, sorted(classes), refused
 
 
 def sync_prefix(source: S3Source, *, client=None) -> SyncResult:
@@ -176,7 +186,7 @@ def sync_prefix(source: S3Source, *, client=None) -> SyncResult:
     root = Path(source.path).expanduser().resolve() / bucket / prefix
     client = client or make_client(source)
     try:
-        objects, classes = _list(client, bucket, prefix)
+        objects, classes, refused = _list(client, bucket, prefix)
     except (BotoCoreError, ClientError) as exc:
         raise _explain(exc, source) from exc
     root.mkdir(parents=True, exist_ok=True)
@@ -252,6 +262,7 @@ def sync_prefix(source: S3Source, *, client=None) -> SyncResult:
         downloaded=len(todo),
         skipped=len(objects) - len(todo),
         objects=objects,
+        refused=tuple(refused),
     )
 
 

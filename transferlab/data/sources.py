@@ -6,6 +6,7 @@ Listing only looks at names; whether a file really is a usable image is decided 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from transferlab.config import (
     TorchvisionSource,
     TuxpaintSource,
 )
+from transferlab.names import UnsafeName, data_name, data_path
+from transferlab.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +44,14 @@ TUXPAINT_HINT = (
 
 
 class DataSourceError(RuntimeError):
-    """The data source cannot give a usable dataset; the message is one line saying what to do."""
+    """The data source cannot give a usable dataset; the message is one line saying what to do.
+
+    Credentials in any URL of the message are masked: it is printed, logged and stored by
+    Prefect as the failed task's state message.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(redact(str(message)))
 
 
 @dataclass(frozen=True)
@@ -53,12 +63,15 @@ class SourceFile:
         label: its class.
         rel: its path inside the class, used as ``images/<label>/<rel>`` in the dataset.
         origin: where it came from when that is not ``path`` (an S3 or HTTP URI, an IDX record).
+        problem: why the file is refused without being read (a symlink out of the source, a
+            name no sink accepts); it then appears in ``rejected.json`` with this reason.
     """
 
     path: Path
     label: str
     rel: PurePosixPath
     origin: str = ""
+    problem: str | None = None
 
     @property
     def uri(self) -> str:
@@ -143,17 +156,42 @@ def _list_folder(
         if not entry.is_dir():
             loose += 1
             continue
-        classes.append(entry.name)
+        label = entry.name
+        with contextlib.suppress(UnsafeName):
+            label = data_name(entry.name)  # NFC; a bad name is refused per file by the pull
+        classes.append(label)
+        outside = _outside(entry, root)
+        if outside:
+            # Not walked at all: a class folder linked elsewhere would import that folder.
+            rel = PurePosixPath(entry.name)
+            files.append(SourceFile(entry, label, rel, origin=origin, problem=outside))
+            continue
         for path in _walk_images(entry, IMAGE_EXTENSIONS):
             rel = PurePosixPath(path.relative_to(entry).as_posix())
             where = f"{origin}#{entry.name}/{rel}" if origin else ""
-            files.append(SourceFile(path=path, label=entry.name, rel=rel, origin=where))
+            problem = _outside(path, root)
+            files.append(SourceFile(path, label, rel, origin=where, problem=problem))
     files.sort(key=lambda f: (f.label, f.rel.as_posix()))
     if loose:
         log.info(
             "ignored %d file(s) at the top of %s: images must sit in a class folder", loose, root
         )
     return files, classes
+
+
+def _outside(path: Path, root: Path, *, deep: bool = False) -> str | None:
+    """Why ``path`` leads out of ``root`` through a symlink, or None: links are followed only
+    inside the source. ``deep`` also checks the folders on the way (needed for manifest paths;
+    a folder walk never enters a linked folder)."""
+    if not deep and not path.is_symlink():
+        return None
+    try:
+        target = path.resolve(strict=True)
+    except (OSError, RuntimeError):  # missing: the pull reports it as unreadable
+        return "broken symlink" if path.is_symlink() else None
+    if target.is_relative_to(root):
+        return None
+    return f"symlink out of the source folder: to {target}"
 
 
 def _list_tuxpaint(source: TuxpaintSource) -> tuple[list[SourceFile], list[str]]:
@@ -208,21 +246,28 @@ def _list_manifest(source: ManifestSource) -> tuple[list[SourceFile], list[str]]
         raise DataSourceError(f"manifest {manifest}: cannot read it: {exc}") from None
     files: list[SourceFile] = []
     seen: set[tuple[str, str]] = set()
-    for i, (rel_path, label) in enumerate(pairs, start=1):
-        p = PurePosixPath(rel_path.replace("\\", "/"))
-        if not rel_path or not label or p.is_absolute() or ".." in p.parts:
+    labels: set[str] = set()
+    for i, (rel_path, raw_label) in enumerate(pairs, start=1):
+        what = "label"
+        try:
+            label = data_name(raw_label)
+            what = "path"
+            p = data_path(rel_path.replace("\\", "/"))
+        except UnsafeName as exc:
             raise DataSourceError(
-                f"manifest {manifest}, entry {i}: path {rel_path!r} label {label!r}: paths must "
-                f"be relative to the manifest's folder and stay inside it, labels non-empty"
-            )
-        if "/" in label:
-            raise DataSourceError(f"manifest {manifest}, entry {i}: label {label!r} has a '/'")
+                f"manifest {manifest}, entry {i}: {what} {exc}; paths must be relative to the "
+                f"manifest's folder and stay inside it, labels non-empty plain names"
+            ) from None
+        labels.add(label)
         if (label, p.as_posix()) in seen:
             continue
         seen.add((label, p.as_posix()))
-        files.append(SourceFile(path=base / p, label=label, rel=p))
+        path = base / p
+        files.append(
+            SourceFile(path=path, label=label, rel=p, problem=_outside(path, base, deep=True))
+        )
     files.sort(key=lambda f: (f.label, f.rel.as_posix()))
-    return files, sorted({label for _, label in pairs})
+    return files, sorted(labels)
 
 
 def _list_idx(
@@ -344,6 +389,16 @@ def _list_s3(source: S3Source) -> tuple[list[SourceFile], list[str]]:
             origin=f"s3://{bucket}/{o.key}",
         )
         for o in result.objects
+    ]
+    files += [
+        SourceFile(
+            path=result.root,
+            label="",
+            rel=PurePosixPath(),
+            origin=f"s3://{bucket}/{key}",
+            problem=reason,
+        )
+        for key, reason in result.refused
     ]
     files.sort(key=lambda f: (f.label, f.rel.as_posix()))
     return files, result.classes
