@@ -14,7 +14,15 @@ from prefect.runtime import flow_run
 
 from flows.features import run_feature_shards
 from tasks.attack import map_attack_batches
-from tasks.stages import DEFAULT_TIMEOUT, RETRIES, TIMEOUTS, outputs_present, run_stage, stage_tags
+from tasks.stages import (
+    CONTEXT_STAGES,
+    DEFAULT_TIMEOUT,
+    RETRIES,
+    TIMEOUTS,
+    outputs_present,
+    run_stage,
+    stage_tags,
+)
 from transferlab.config import load_params
 from transferlab.stages import STAGES
 from transferlab.tracking import check_tracking_store
@@ -22,11 +30,20 @@ from transferlab.workspace import workspace_lock
 
 
 def lineage_context() -> dict[str, str]:
-    """The Prefect flow run this is, for the MLflow tags."""
+    """The Prefect flow run this is, for the MLflow tags, and the deployment that started it.
+
+    The UI link is only there when a Prefect UI serves the run (``PREFECT_UI_URL``, derived from
+    ``PREFECT_API_URL``): an ephemeral run has none, and ``flow_run.ui_url`` would then read
+    ``None/flow-runs/...``.
+    """
+    from prefect.utilities.urls import url_for
+
     ctx = {"prefect.flow_run_id": str(flow_run.id)}
-    url = flow_run.ui_url
-    if url:
+    url = url_for("flow-run", obj_id=str(flow_run.id))
+    if url and url.startswith(("http://", "https://")):
         ctx["prefect.flow_run_url"] = url
+    if flow_run.deployment_id:
+        ctx["prefect.deployment_id"] = str(flow_run.deployment_id)
     return ctx
 
 
@@ -47,7 +64,7 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
                 tags=stage_tags(name),
                 timeout_seconds=TIMEOUTS.get(name, DEFAULT_TIMEOUT),
             )
-            context = lineage_context() if name == "report" else None
+            context = lineage_context() if name in CONTEXT_STAGES else None
             if name == "features":
                 # fill the feature cache shard by shard on the configured runner; the stage
                 # below then only assembles features.npz from the cache

@@ -16,8 +16,12 @@ from prefect.context import TaskRunContext
 
 import transferlab
 from transferlab.config import load_params
+from transferlab.lineage import run_kind
 from transferlab.methods import METHODS
 from transferlab.stages import STAGES
+
+# Stages that take the flow run's lineage context (the MLflow tags; whether the gate may promote).
+CONTEXT_STAGES = ("report", "gate")
 
 # Stages that reach the network (a remote source, the tracking server) retry with backoff.
 RETRIES = {"pull": 2, "report": 2}
@@ -82,6 +86,9 @@ def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:
     params = load_params(parameters["params_path"])
     h = hashlib.sha256()
     h.update(f"{stage.name}|{root}|{params.section_hash(*stage.params)}|{_code_digest()}".encode())
+    if stage.name in CONTEXT_STAGES:
+        # an ad-hoc run's gate must not stand in for the deployment's, which may move the alias
+        h.update(run_kind(parameters.get("context"))["transferlab.run_kind"].encode())
     for dep in stage.deps:
         _fingerprint(root / dep, h)
     if stage.name == "pull":
@@ -97,7 +104,7 @@ def run_stage(
     fn = STAGES[stage].run
     params = load_params(params_path)
     root = Path(workdir)
-    return fn(params, root, context=context) if stage == "report" else fn(params, root)
+    return fn(params, root, context=context) if stage in CONTEXT_STAGES else fn(params, root)
 
 
 # ------------------------------------------------------------------ feature shards

@@ -533,7 +533,10 @@ def print_results(report: dict) -> None:
     out.print(f"MLflow run {ml['parent']} in {escape(redact(ml['tracking_uri']))}")
     if report.get("html"):
         out.print(f"Report: {report['html']}")
-    out.print("Open the MLflow UI with: [bold]make ui[/bold]  (then http://127.0.0.1:5000)")
+    if ml["tracking_uri"].startswith(("http://", "https://")):
+        out.print(f"MLflow UI: {ml['tracking_uri']}", highlight=False)
+    else:
+        out.print("Open the MLflow UI with: [bold]transferlab ui[/bold] [--port P]")
 
 
 @app.command(
@@ -606,19 +609,53 @@ def ui(
     host: Annotated[str, typer.Option(help="address to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="port to listen on")] = 5000,
 ):
-    """Start the MLflow UI on this workspace's tracking store and print its URL (Ctrl-C stops).
+    """Start the MLflow UI on this workspace's tracking store and print its links (Ctrl-C stops
+    it and every process it started).
+
+    With an HTTP tracking store (MLFLOW_TRACKING_URI=http://...), that server is the UI: its
+    address is printed and nothing is started. Exits 1 if the port is busy.
 
     Reads: the MLflow store (tracking.tracking_uri, tracking.artifact_dir).
 
     Writes: nothing; it serves http://HOST:PORT until stopped.
     """
-    import subprocess
+    from transferlab.procgroup import PortBusy, check_port_free, run_group
+    from transferlab.tracking import UI_ENV, tracking_uri, ui_command
 
-    from transferlab.tracking import ui_command
+    loaded = _setup(params, False, True)
+    root = Path.cwd()
+    uri = tracking_uri(loaded, root)
+    if uri.startswith(("http://", "https://")):
+        out.print(f"MLflow UI: [bold]{uri}[/bold]  (the tracking server serves it)")
+        _print_ui_links(uri, root)
+        return
+    try:
+        check_port_free(host, port)
+    except PortBusy as exc:
+        err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    base = f"http://{host}:{port}"
+    out.print(f"MLflow UI: [bold]{base}[/bold]  (Ctrl-C to stop)", highlight=False)
+    _print_ui_links(base, root)
+    raise typer.Exit(run_group(ui_command(loaded, root, host=host, port=port), env=UI_ENV))
 
-    cmd = ui_command(_setup(params, False, True), Path.cwd(), host=host, port=port)
-    out.print(f"MLflow UI: [bold]http://{host}:{port}[/bold]  (Ctrl-C to stop)")
-    raise typer.Exit(subprocess.call(cmd))
+
+def _print_ui_links(base: str, root: Path) -> None:
+    """The last pipeline run and the HTML report, with links into the UI at ``base``."""
+    import json as _json
+
+    results = root / "reports" / "results.json"
+    if not results.is_file():
+        return
+    ml = _json.loads(results.read_text()).get("mlflow", {})
+    if ml.get("experiment_id") and ml.get("parent"):
+        run = f"{base}/#/experiments/{ml['experiment_id']}/runs/{ml['parent']}"
+        out.print(f"last pipeline run: {run}", highlight=False, soft_wrap=True)
+    report = root / "reports" / "index.html"
+    if report.is_file():
+        out.print(
+            f"report: {report.resolve().as_uri()}?mlflow={base}", highlight=False, soft_wrap=True
+        )
 
 
 def _reflow_help(group: typer.Typer) -> None:

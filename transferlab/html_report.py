@@ -209,10 +209,32 @@ def _sanity_section(root: Path) -> str:
     )
 
 
+DEFAULT_UI = "http://127.0.0.1:5000"  # `transferlab ui`'s default
+
+
+def mlflow_ui_base(tracking_uri: str) -> str:
+    """Where the MLflow UI of a store is: the server itself for an HTTP store, else the local
+    ``transferlab ui`` (whose ``--port`` the page takes from ``?mlflow=URL``, see ``_UI_JS``)."""
+    return tracking_uri.rstrip("/") if tracking_uri.startswith("http") else DEFAULT_UI
+
+
 def mlflow_run_url(tracking_uri: str, experiment_id: str, run_id: str) -> str:
-    """Link to a run in the MLflow UI (the local `make ui` one for file/SQLite stores)."""
-    base = tracking_uri if tracking_uri.startswith("http") else "http://127.0.0.1:5000"
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    """Link to a run in the MLflow UI."""
+    return f"{mlflow_ui_base(tracking_uri)}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+# `transferlab ui --port P` prints the report's address with ?mlflow=http://HOST:P; this points
+# every MLflow link of the page at that UI instead of the one known when the report was written.
+_UI_JS = (
+    "<script>(function(){var b=new URLSearchParams(location.search).get('mlflow');"
+    "if(!b)return;b=b.replace(/\\/$/,'');"
+    "document.querySelectorAll('a[data-mlflow]').forEach(function(a){"
+    "a.href=b+a.getAttribute('data-mlflow');});})();</script>"
+)
+
+
+def _mlflow_link(base: str, path: str, text: str) -> str:
+    return f'<a href="{_esc(base + path)}" data-mlflow="{_esc(path)}">{_esc(text)}</a>'
 
 
 def _lineage_section(results: dict | None) -> str:
@@ -222,24 +244,36 @@ def _lineage_section(results: dict | None) -> str:
     ml = results.get("mlflow", {})
     items = [(k, _esc(v)) for k, v in sorted(tags.items()) if not k.startswith("prefect.")]
     uri, exp = ml.get("tracking_uri", ""), ml.get("experiment_id", "")
-    for name, run_id in ml.items():
-        if name in ("tracking_uri", "experiment_id"):
+    base = mlflow_ui_base(uri)
+    for name, value in ml.items():
+        if name in ("tracking_uri", "experiment_id") or name.startswith("model_name."):
             continue
-        url = mlflow_run_url(uri, exp, run_id)
-        items.append((f"MLflow run: {name}", f'<a href="{_esc(url)}">{_esc(run_id)}</a>'))
+        if name.startswith("model_version."):
+            method = name.removeprefix("model_version.")
+            model = ml.get(f"model_name.{method}")
+            link = (
+                _mlflow_link(base, f"/#/models/{model}/versions/{value}", f"{model} v{value}")
+                if model
+                else _esc(value)
+            )
+            items.append((f"model version: {method}", link))
+            continue
+        path = f"/#/experiments/{exp}/runs/{value}"
+        items.append((f"MLflow run: {name}", _mlflow_link(base, path, value)))
     if "prefect.flow_run_id" in tags:
         url = tags.get("prefect.flow_run_url")
         link = (
             f'<a href="{_esc(url)}">{_esc(tags["prefect.flow_run_id"])}</a>'
             if url
             else _esc(tags["prefect.flow_run_id"])
+            + " <span class='muted'>(ephemeral: no UI)</span>"
         )
         items.append(("Prefect flow run", link))
     else:
         items.append(("Prefect flow run", "<span class='muted'>not run by Prefect</span>"))
     items.append(("tracking store", _esc(uri)))
     rows = "".join(f"<tr><th>{_esc(k)}</th><td>{v}</td></tr>" for k, v in items)
-    return f"<table>{rows}</table>"
+    return f"<table>{rows}</table>{_UI_JS}"
 
 
 def write_html_report(root: Path, out: Path, *, title: str, thumbs_per_class: int = 8) -> Path:

@@ -151,15 +151,32 @@ def plot_adversarial_grid(examples: list[dict], out: Path, *, amplify: float = 1
     return save_figure(fig, out)
 
 
-def attach_robustness(record, rows: list[dict]) -> None:
+def summary_key(attack: str, eps: float) -> str:
+    """The MLflow name of an attack's robust accuracy at the report eps, e.g.
+    ``robust_acc_pgd_at_4_255`` for 4/255 (MLflow names allow no ``@``, and a ``/`` would
+    make the UI file the metric under a chart group of its own)."""
+    return f"robust_acc_{attack}_at_{eps * 255:g}_255".replace(".", "p")
+
+
+def series_key(attack: str) -> str:
+    """The MLflow name of an attack's robust accuracy against eps (step = eps * 255). Named
+    apart from the scalars: a series' value in the runs table is its last step (the largest
+    eps), which a bare ``robust_acc_pgd`` column would pass off as the headline figure."""
+    return f"robust_acc_vs_eps/{attack}"
+
+
+def attach_robustness(record, rows: list[dict], *, report_eps: float | None = None) -> None:
     """Add the robustness rows of model ``record.name`` to an MLflow ``MethodRecord``.
 
-    One series per attack (step = eps * 255, so the MLflow UI charts robust accuracy against
-    eps) and one scalar per attack and eps.
+    One series per attack (``series_key``; step = eps * 255, so the MLflow UI charts robust
+    accuracy against eps), one scalar per attack and eps, and the headline scalar at
+    ``report_eps`` (``summary_key``).
     """
     for r in rows:
         if r["model"] == record.name:
-            record.series.setdefault(f"robust_acc_{r['attack']}", []).append(
+            record.series.setdefault(series_key(r["attack"]), []).append(
                 (round(r["eps"] * 255), r["robust_acc"])
             )
             record.metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
+            if report_eps is not None and abs(r["eps"] - report_eps) < 1e-9:
+                record.metrics[summary_key(r["attack"], report_eps)] = r["robust_acc"]

@@ -272,7 +272,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
             experiment=params.tracking.experiment,
         )
         # one series per attack with every eps as a step, so the MLflow UI charts it (x = eps*255)
-        attach_robustness(record, rows)
+        attach_robustness(record, rows, report_eps=params.attack.report_eps)
         record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)
         records.append(record)
     eps_values = ",".join(f"{e:.6g}" for e in params.attack.eps)
@@ -280,7 +280,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     for m in dict.fromkeys(r["model"] for r in rows):
         if m not in {rec.name for rec in records}:
             extra = MethodRecord(name=m, params={"attack.eps_values": eps_values})
-            attach_robustness(extra, rows)
+            attach_robustness(extra, rows, report_eps=params.attack.report_eps)
             records.append(extra)
     attack_plots = [root / p for p in (TRANSFER_PNG, ADVERSARIAL_PNG, TRANSFER_METRICS)]
     tags = {
@@ -302,10 +302,16 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     return {"table": table, "mlflow": ids, "html": str(root / REPORT_HTML)}
 
 
-def gate(params: Params, root: Path) -> dict:
+def gate(params: Params, root: Path, *, context: dict[str, str] | None = None) -> dict:
     """The robustness regression gate: promote each method's new version to the champion alias
-    only if its clean and robust accuracy clear ``params.gate`` (see ``transferlab.gate``)."""
+    only if its clean and robust accuracy clear ``params.gate`` (see ``transferlab.gate``).
+
+    Every run records the decision; only the scheduled deployment's run or a person's
+    ``transferlab gate`` moves the alias (``lineage.may_move_champion``), so ``dvc repro``,
+    ``dvc exp run`` and ad-hoc ``transferlab run`` never change what is served.
+    """
     from transferlab.gate import metrics_from_summary
+    from transferlab.lineage import may_move_champion
     from transferlab.tracking import apply_gate
 
     results = read_json(root / RESULTS)
@@ -318,7 +324,9 @@ def gate(params: Params, root: Path) -> dict:
             log.warning("gate: no registered version of %s in %s; skipped", method, RESULTS)
             continue
         candidate = metrics_from_summary(summary, method, gp.attack, gp.eps)
-        decisions[method] = apply_gate(params, root, method, version, candidate)
+        decisions[method] = apply_gate(
+            params, root, method, version, candidate, move_alias=may_move_champion(context)
+        )
     write_json(root / GATE, decisions)
     return {m: d["decision"] for m, d in decisions.items()}
 

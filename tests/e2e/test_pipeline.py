@@ -70,8 +70,12 @@ def test_dvc_repro_produces_metrics_and_a_tracked_run(dvc_workspace):
     assert curve["eps_8/255"] <= curve["eps_0/255"]
     assert (ws / "plots/robustness.png").stat().st_size > 1000
     runs = mlflow_runs(ws)
-    names = sorted(r.info.run_name for r in runs)
+    names = sorted(r.data.tags.get("transferlab.run_type") or r.info.run_name for r in runs)
     assert names == ["full", "pipeline", "svm", "top"]
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
+    assert parent.info.run_name.startswith("svm+top+full · ")  # what ran, on what data
+    assert parent.data.tags["transferlab.run_kind"] == "dvc-repro"
+    assert parent.data.metrics["svm.test_acc"] == pytest.approx(svm["test_acc"])
     child = next(r for r in runs if r.info.run_name == "svm")
     assert child.data.metrics["test_acc"] == pytest.approx(svm["test_acc"])
     assert "robust_acc_fgsm_eps_8" in child.data.metrics
@@ -116,7 +120,7 @@ def test_prefect_flow_gives_the_same_metrics_and_caches(tmp_path, tiny_dataset, 
         second = pipeline(params_path=str(ws / "params.yaml"), workdir=str(ws))
     assert comparable(ws) == comparable(dvc_workspace)
     runs = mlflow_runs(ws)
-    parent = next(r for r in runs if r.info.run_name == "pipeline")
+    parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert parent.data.tags["prefect.flow_run_id"]
     # No dvc.lock here: the same hash, computed the way DVC does, for the same images.
     from transferlab.data.version import lock_hash

@@ -270,8 +270,12 @@ def test_a_failed_run_retries_then_resumes_from_completed_stages(stack, nightly)
 
 def test_runs_carry_metrics_model_and_every_lineage_tag(mlflow_client, nightly):
     exp = mlflow_client.get_experiment_by_name(EXPERIMENT)
-    runs = {r.info.run_name: r for r in mlflow_client.search_runs([exp.experiment_id])}
+    runs = {
+        r.data.tags.get("transferlab.run_type") or r.info.run_name: r
+        for r in mlflow_client.search_runs([exp.experiment_id])
+    }
     assert set(runs) == {"pipeline", "svm", "top", "full"}
+    assert {r.data.tags["transferlab.run_kind"] for r in runs.values()} == {"deployment"}
     svm = runs["svm"]
     assert 0.5 <= svm.data.metrics["test_acc"] <= 1.0
     assert "robust_acc_fgsm_eps_2" in svm.data.metrics

@@ -17,7 +17,7 @@ from transferlab.tracking.attack_eval import log_attack_eval
 from transferlab.tracking.gate import apply_gate
 from transferlab.tracking.learning_curve import log_learning_curve
 from transferlab.tracking.pipeline import MODEL_REQUIREMENTS, MethodRecord, log_pipeline_run
-from transferlab.tracking.queries import recent_runs, ui_command
+from transferlab.tracking.queries import UI_ENV, recent_runs, ui_command
 from transferlab.tracking.registry import (
     CANDIDATE_ALIAS,
     LINEAGE_TAGS,
@@ -43,6 +43,7 @@ __all__ = [
     "MODEL_REQUIREMENTS",
     "MethodRecord",
     "TrackingUnavailable",
+    "UI_ENV",
     "apply_gate",
     "check_tracking_store",
     "close_orphaned_runs",

@@ -24,8 +24,12 @@ def _gate_metrics(tags: dict[str, str]):
 
 
 @scoped_tracking
-def apply_gate(params: Params, workdir: Path, method: str, version: str, candidate) -> dict:
-    """Judge a registered version against the floors and the champion; move the alias if it passes.
+def apply_gate(
+    params: Params, workdir: Path, method: str, version: str, candidate, *, move_alias: bool = True
+) -> dict:
+    """Judge a registered version against the floors and the champion; move the alias if it
+    passes and ``move_alias`` (False for experiment and ad-hoc runs: the decision is recorded,
+    the champion stays).
 
     The decision and its reasons go onto the model version and its run as ``gate.*`` tags and a
     ``gate/<method>.json`` artifact, so the MLflow UI shows why a model was (not) promoted.
@@ -60,6 +64,7 @@ def apply_gate(params: Params, workdir: Path, method: str, version: str, candida
         "eps": gp.eps,
         "alias": gp.alias,
         "champion_before": None if current is None else str(current.version),
+        "alias_moved": bool(decision.promote and move_alias),
     }
     tags = {
         "gate.decision": decision.decision,
@@ -68,12 +73,21 @@ def apply_gate(params: Params, workdir: Path, method: str, version: str, candida
         "gate.robust_acc": str(candidate.robust_acc),
         "gate.attack": gp.attack,
         "gate.eps": f"{gp.eps:.6g}",
+        "gate.alias_moved": str(record["alias_moved"]).lower(),
     }
     for key, value in tags.items():
         client.set_model_version_tag(name, str(version), key, value)
-    if decision.promote:
+    if record["alias_moved"]:
         client.set_registered_model_alias(name, gp.alias, str(version))
-    record["champion_after"] = str(version) if decision.promote else record["champion_before"]
+    elif decision.promote:
+        log.info(
+            "gate %s v%s passes, but this is an experiment or ad-hoc run: %s stays where it "
+            "was (run `transferlab gate` to promote)",
+            name,
+            version,
+            gp.alias,
+        )
+    record["champion_after"] = str(version) if record["alias_moved"] else record["champion_before"]
     run_id = client.get_model_version(name, str(version)).run_id
     if run_id:
         for key, value in tags.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from transferlab.config import Params
+from transferlab.tracking.pipeline import PIPELINE, RUN_TYPE_TAG
 from transferlab.tracking.store import tracking_uri
 
 
@@ -17,7 +18,10 @@ def recent_runs(params: Params, workdir: Path, *, last: int = 5) -> list[dict]:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri(params, workdir))
+    uri = tracking_uri(params, workdir)
+    if uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        return []  # opening a SQLite store creates it: reading must not write
+    client = mlflow.MlflowClient(tracking_uri=uri)
     try:
         exp = client.get_experiment_by_name(params.tracking.experiment)
     except MlflowException as exc:
@@ -26,7 +30,7 @@ def recent_runs(params: Params, workdir: Path, *, last: int = 5) -> list[dict]:
         return []
     parents = client.search_runs(
         [exp.experiment_id],
-        filter_string="attributes.run_name = 'pipeline'",
+        filter_string=f"tags.`{RUN_TYPE_TAG}` = '{PIPELINE}'",
         order_by=["attributes.start_time DESC"],
         max_results=last,
     )
@@ -61,7 +65,8 @@ def _when(ms: int | None) -> str:
 
 
 def ui_command(params: Params, workdir: Path, *, host: str, port: int) -> list[str]:
-    """The ``mlflow ui`` command line that serves this workspace's store."""
+    """The ``mlflow ui`` command line that serves this workspace's store: one worker (a
+    person's browser, not a team), so the UI is one server process and its children."""
     artifacts = (workdir / params.tracking.artifact_dir).resolve()
     return [
         "mlflow",
@@ -74,4 +79,11 @@ def ui_command(params: Params, workdir: Path, *, host: str, port: int) -> list[s
         host,
         "--port",
         str(port),
+        "--workers",
+        "1",
     ]
+
+
+# Without this the MLflow 3 server also starts job-runner processes (about 2 GB) it needs only
+# for server-side jobs, which a local UI never runs.
+UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}

@@ -13,6 +13,9 @@ from transferlab.tracking.store import scoped_tracking
 log = logging.getLogger(__name__)
 
 CANDIDATE_ALIAS = "candidate"
+# sha256 of a model's state dict (``pipeline.weights_digest``): a run whose weights equal a
+# registered version's points at that version instead of registering a copy.
+DIGEST_TAG = "model.digest"
 # Run tags that say where a model version came from; `transferlab lineage` prints them.
 LINEAGE_TAGS = (
     "git.commit",
@@ -47,6 +50,23 @@ def register_candidate(
     mlflow.MlflowClient().set_registered_model_alias(name, CANDIDATE_ALIAS, mv.version)
     log.info("registered %s version %s (alias %s)", name, mv.version, CANDIDATE_ALIAS)
     return str(mv.version)
+
+
+def find_version(client, name: str, digest: str):
+    """The registered version of ``name`` whose weights digest is ``digest``, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    same = [v for v in versions if v.tags.get(DIGEST_TAG) == digest]
+    return max(same, key=lambda v: int(v.version)) if same else None
+
+
+def point_candidate(client, name: str, version: str) -> None:
+    """Move the ``candidate`` alias (the last pipeline run's model) to ``version``."""
+    client.set_registered_model_alias(name, CANDIDATE_ALIAS, version)
 
 
 def parse_model_spec(spec: str) -> tuple[str, str | None, str | None]:

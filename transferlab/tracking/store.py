@@ -40,17 +40,30 @@ def git_state(workdir: Path) -> dict[str, str]:
         return {"git.commit": "unknown", "git.dirty": "unknown"}
 
 
+# MLflow 3 opens an experiment on the page its kind asks for; without the tag it guesses, and
+# shows the GenAI overview instead of the runs table.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+
+
 def experiment_id(mlflow, params: Params, workdir: Path, uri: str) -> str:
-    """The id of ``params.tracking.experiment``, created (with a local artifact root) if new."""
+    """The id of ``params.tracking.experiment``, created (with a local artifact root) if new,
+    and tagged as a model-training experiment so the MLflow UI opens it on its runs."""
     name = params.tracking.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND_TAG) is None:
+            mlflow.MlflowClient().set_experiment_tag(
+                exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND
+            )
         return exp.experiment_id
     location = None
     if uri.startswith("sqlite:") or uri.startswith("file:") or "://" not in uri:
         # Without this a SQLite store writes ./mlruns wherever the process happens to run.
         location = (workdir / params.tracking.artifact_dir).resolve().as_uri()
-    return mlflow.create_experiment(name, artifact_location=location)
+    return mlflow.create_experiment(
+        name, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+    )
 
 
 @contextmanager
