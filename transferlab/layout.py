@@ -8,6 +8,7 @@ another's private helpers.
 from __future__ import annotations
 
 import csv
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -54,11 +55,25 @@ def dataset_classes(root: Path) -> list[str]:
     return sorted({r["label"] for r in split_rows(root)})
 
 
+def read_npz(path: Path, *keys: str) -> tuple[np.ndarray, ...]:
+    """Arrays from a stage's ``.npz`` (never pickled objects); a corrupt file names itself."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return tuple(z[k] for k in keys)
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(
+            f"{path} is corrupt ({type(exc).__name__}: {str(exc)[:120]}); delete it and re-run "
+            "the stage that writes it"
+        ) from None
+
+
 def labelled_features(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
     """Cached features per split (``x_<part>``: (N, D) float, ``y_<part>``: (N,) int64) and the
     sorted class list."""
-    with np.load(root / FEATURES) as z:
-        feats, paths = z["features"], z["path"].tolist()
+    feats, paths = read_npz(root / FEATURES, "features", "path")
+    paths = paths.tolist()
     by_path = dict(zip(paths, range(len(paths)), strict=True))
     rows = split_rows(root)
     classes = sorted({r["label"] for r in rows})

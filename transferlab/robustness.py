@@ -77,6 +77,12 @@ def load_attack_model(params: Params, root: Path, name: str) -> tuple[nn.Module,
             )
         model = load_classifier(folder)
         classes = list(model.classes)
+        expected = dataset_classes(root)
+        if classes != expected:  # its logits would be read against the wrong names
+            raise ValueError(
+                f"{folder / 'meta.json'} lists classes {classes[:6]}, but data/split.csv has "
+                f"{expected[:6]}; re-run the stage that writes {folder}"
+            )
     key = f"{name}:{params.attack.precision}:{model_digest(model)}"
     if params.attack.precision == "bf16":
         model = Autocast(model)

@@ -51,7 +51,13 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 
 def read_json(path: Path) -> dict:
-    return json.loads(path.read_text(encoding="utf-8"))
+    """A stage output; a corrupt one names itself (FileNotFoundError stays as it is)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{path} is corrupt ({str(exc)[:120]}); delete it and re-run the stage that writes it"
+        ) from None
 
 
 # ------------------------------------------------------------------ stages

@@ -202,7 +202,7 @@ def test_interrupted_full_resumes(case, sig, workspace_copy, full_reference, tmp
     wait_for(ckpt.exists)
     _interrupt(proc, sig, log)
     _after_interrupt_clean(ws, sig)
-    state = torch.load(ckpt, weights_only=False)
+    state = torch.load(ckpt, weights_only=True)
     done_epoch = state["epoch"]
     assert done_epoch < FULL_EPOCHS - 1, "the signal must land before the last epoch"
     assert [h["epoch"] for h in state["history"]] == list(range(done_epoch + 1))

@@ -67,3 +67,65 @@ def test_random_init_torchvision_backbone_splits_head():
     assert b.feature_dim == 512
     assert b(torch.rand(1, 3, 64, 64)).shape == (1, 1000)
     assert b.features(torch.rand(1, 3, 64, 64)).shape == (1, 512)
+
+
+def _foolbox_photos(spec):
+    import re
+    from importlib import resources
+    from pathlib import Path
+
+    from transferlab.features import load_images
+
+    files = sorted(Path(str(resources.files("foolbox") / "data")).glob("imagenet_*"))
+    labels = [int(re.match(r"imagenet_\d+_(\d+)", f.name).group(1)) for f in files]
+    return load_images(files, spec), torch.tensor(labels)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_offline_lite1_lite2_classify_imagenet_photos(name):
+    """The packaged weights, at timm's preprocessing for them: measured 18/20 top-1 each."""
+    backbone = load_backbone(name, "package")
+    x, y = _foolbox_photos(backbone.spec)
+    assert x.shape[-1] == backbone.spec.input_size == {"efficientnet_lite1": 240}.get(name, 260)
+    with torch.inference_mode():
+        top1 = int((backbone(x).argmax(1) == y).sum())
+    assert top1 >= 17, top1
+
+
+def test_file_weights_in_package_key_names_pass_the_strict_load(tmp_path):
+    """A ``file:`` copy of the packaged Lite1 weights maps like ``package`` and loads strictly."""
+    import shutil
+
+    copy = tmp_path / "lite1.pth"
+    shutil.copy(package_weights_path(BACKBONES["efficientnet_lite1"]), copy)
+    from_file = load_backbone("efficientnet_lite1", f"file:{copy}")
+    from_package = load_backbone("efficientnet_lite1", "package")
+    assert from_file.weights_digest == from_package.weights_digest
+    for a, b in zip(
+        from_file.state_dict().values(), from_package.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b)
+
+
+def test_file_weights_that_do_not_fit_name_the_file(tmp_path):
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="weights do not fit") as info:
+        load_backbone("efficientnet_lite1", f"file:{bad}")
+    assert str(bad) in str(info.value)
+
+
+def test_timm_names_use_timms_pretrained_data_config():
+    import timm
+
+    from transferlab.backbones import get_spec
+
+    spec = get_spec("timm:tf_efficientnet_lite1")
+    cfg = timm.models.get_pretrained_cfg("tf_efficientnet_lite1")
+    assert spec.mean == spec.std == (0.5, 0.5, 0.5) == tuple(cfg.mean)
+    assert (spec.input_size, spec.resize, spec.interpolation) == (240, 272, "bicubic")
+    # the registry entry and the timm: name read the same pixels
+    assert spec.preprocessing_signature == BACKBONES["efficientnet_lite1"].preprocessing_signature
+    resnet = get_spec("timm:resnet18")
+    assert (resnet.input_size, resnet.resize) == (224, 235)  # crop_pct 0.95

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
+from transferlab import tensor_files
 from transferlab.atomic import atomic_write
 from transferlab.backbones import Backbone, load_backbone
 from transferlab.data import file_sha256
@@ -79,20 +80,52 @@ def save_classifier(clf: Classifier, folder: Path, *, pretrained: str, extra: di
     if meta["backbone_weights"]:
         files["backbone.pt"] = clf.backbone.state_dict()
     for name, state in files.items():
-        with atomic_write(folder / name) as f:
-            torch.save(state, f)
+        tensor_files.save(state, folder / name)
     # meta.json last, with the digest of each weights file: a kill between the renames leaves
     # new weights beside an old meta.json, which load_classifier then refuses instead of mixing.
     meta["files"] = {name: file_sha256(folder / name) for name in files}
+    meta["meta_digest"] = _meta_digest(meta)
     with atomic_write(folder / "meta.json", "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=2)
+
+
+def _meta_digest(meta: dict) -> str:
+    """sha256 of everything else in ``meta.json``: an edit (two class names swapped, a bit
+    flipped) would otherwise relabel every prediction without any error."""
+    rest = {k: v for k, v in meta.items() if k != "meta_digest"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def read_meta(folder: Path) -> dict:
+    """A stored model's ``meta.json``, checked against its own digest.
+
+    Raises:
+        FileNotFoundError: no ``meta.json``.
+        ValueError: not JSON, or edited since it was written (both name the file).
+    """
+    path = folder / "meta.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(meta, dict):
+            raise ValueError(f"expected an object, found {type(meta).__name__}")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(
+            f"{path} is corrupt ({str(exc)[:120]}); re-run the stage that writes {folder}"
+        ) from None
+    # models written before the digest existed have none: they still load
+    if "meta_digest" in meta and meta["meta_digest"] != _meta_digest(meta):
+        raise ValueError(
+            f"{path} was changed after it was written (its digest does not match: class names, "
+            f"backbone or files edited); re-run the stage that writes {folder}"
+        )
+    return meta
 
 
 def load_classifier(folder: Path) -> Classifier:
     """Rebuild a stored classifier in eval mode."""
     from transferlab.classifiers.training import head_from_spec, spec_at_size
 
-    meta = json.loads((folder / "meta.json").read_text())
+    meta = read_meta(folder)
     for name, digest in meta.get("files", {}).items():
         if not (folder / name).is_file() or file_sha256(folder / name) != digest:
             raise RuntimeError(
@@ -108,9 +141,7 @@ def load_classifier(folder: Path) -> Classifier:
     if size != backbone.spec.input_size:
         backbone.spec = spec_at_size(backbone.spec, size)
     if meta.get("backbone_weights"):
-        backbone.load_state_dict(
-            torch.load(folder / "backbone.pt", map_location="cpu", weights_only=True)
-        )
+        backbone.load_state_dict(tensor_files.load(folder / "backbone.pt"))
     head = head_from_spec(meta["head"])
-    head.load_state_dict(torch.load(folder / "head.pt", map_location="cpu", weights_only=True))
+    head.load_state_dict(tensor_files.load(folder / "head.pt"))
     return Classifier(backbone, head, meta["classes"], meta["method"]).eval()

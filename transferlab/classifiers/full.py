@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from transferlab import tensor_files
 from transferlab.backbones import Backbone
 from transferlab.classifiers.training import (
     accuracy,
@@ -183,7 +184,11 @@ def train_full(
     stale, start_epoch, resumed_from, stopped = 0, 0, -1, False
     config = {**params.model_dump(mode="json"), "resume": None, "fingerprint": fingerprint}
     if checkpoint is not None and params.resume and checkpoint.exists():
-        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        try:
+            state = tensor_files.load(checkpoint, map_location=device)
+        except tensor_files.CorruptFileError as exc:  # a cache of progress: start afresh
+            log.warning("full: %s; starting afresh", exc)
+            state = {"config": None}
         if state["config"] == config:
             backbone.load_state_dict(state["backbone"])
             head.load_state_dict(state["head"])

@@ -4,8 +4,6 @@ precision, accuracy and atomic checkpoints."""
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -15,6 +13,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 
+from transferlab import tensor_files
 from transferlab.backbone_specs import BackboneSpec
 from transferlab.progress import progress
 
@@ -180,15 +179,7 @@ def trained_parameters(modules: Iterable[nn.Module]) -> int:
 
 def atomic_torch_save(obj: object, dest: Path) -> None:
     """``torch.save`` to a temp file in the same folder, then rename: a kill never leaves half."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensor_files.save(obj, dest)
 
 
 def split_metrics(

@@ -76,7 +76,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    assert torch.load(ckpt, weights_only=False)["epoch"] == 0
+    assert torch.load(ckpt, weights_only=True)["epoch"] == 0
     assert not list(ckpt.parent.glob(".*.tmp"))  # atomic: no half-written checkpoint left
     resumed = _run(script, ckpt)
     straight = _run(script, tmp_path / "straight" / "full.pt")
