@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 SHARD_RE = re.compile(r"^shard-([0-9a-f]{64})\.npz$")
 LAST_RUN = "last_run.json"
 SPACE_INFO = "space.json"
+QUARANTINE = ".quarantine"
 # a temp file older than this is left over from a killed writer, not one still writing
 STALE_TMP_SECONDS = 3600.0
 
@@ -91,14 +92,63 @@ def write_shard(folder: Path, shas: Sequence[str], features: np.ndarray) -> Path
     np.savez(buf, sha256=np.asarray(list(shas), dtype=str), features=features.astype(np.float32))
     data = buf.getvalue()
     shard = folder / f"shard-{hashlib.sha256(data).hexdigest()}.npz"
-    if not shard.exists():
+    try:
+        # an existing shard is reused only if it really holds these bytes (a truncated or
+        # zeroed file under this name would otherwise be served forever)
+        intact = shard.stat().st_size == len(data) and shard.read_bytes() == data
+    except OSError:
+        intact = False
+    if not intact:
         atomic_write_bytes(shard, data)
     return shard
 
 
 def read_shard_shas(shard: Path) -> list[str]:
-    with np.load(shard) as z:
+    with np.load(shard, allow_pickle=False) as z:
         return z["sha256"].tolist()
+
+
+class CorruptShard(ValueError):
+    """A shard whose bytes do not match its name, or that does not parse."""
+
+
+def read_shard(shard: Path) -> tuple[list[str], np.ndarray]:
+    """A shard's ids and features, after checking its bytes against the digest in its name.
+
+    The check costs one sha256 pass over bytes that are being read anyway (about 1 GB/s), so
+    every served feature is verified, not only those ``cache verify`` happens to look at.
+
+    Raises:
+        CorruptShard: digest mismatch (truncated, rewritten), unreadable, or inconsistent.
+        FileNotFoundError: another process removed it meanwhile.
+    """
+    match = SHARD_RE.match(shard.name)
+    data = shard.read_bytes()
+    if match is None or hashlib.sha256(data).hexdigest() != match.group(1):
+        raise CorruptShard(f"{shard}: its bytes do not match the digest in its name")
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            shas, feats = z["sha256"].tolist(), z["features"]
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
+        raise CorruptShard(f"{shard}: unreadable ({exc})") from None
+    if feats.ndim != 2 or len(shas) != len(feats):
+        raise CorruptShard(f"{shard}: {len(shas)} ids for features of shape {feats.shape}")
+    return shas, feats
+
+
+def quarantine(shard: Path) -> Path | None:
+    """Move a bad shard to ``<space>/.quarantine/`` (kept for a post-mortem, never read
+    again); its images are simply extracted again."""
+    dest = shard.parent / QUARANTINE / f"{shard.name}.{int(time.time())}"
+    dest.parent.mkdir(exist_ok=True)
+    try:
+        os.replace(shard, dest)
+    except FileNotFoundError:
+        return None  # another reader moved it first
+    log.warning(
+        "corrupt cache shard %s moved to %s; its images will be extracted again", shard, dest
+    )
+    return dest
 
 
 def shards(folder: Path) -> list[Path]:
@@ -110,6 +160,14 @@ def spaces(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+class EntriesLost(RuntimeError):
+    """Shards that failed verification while being served (see :meth:`FeatureCache.get`)."""
+
+    def __init__(self, shards: list[Path]):
+        super().__init__(f"{len(shards)} cache shard(s) failed verification: {shards[:3]}")
+        self.shards = shards
 
 
 @dataclass
@@ -133,15 +191,15 @@ class FeatureCache:
             atomic_write_json(dest, meta)
 
     def refresh(self) -> None:
-        """Rebuild the in-memory index from the shards on disk; skip unreadable ones."""
+        """Rebuild the in-memory index from the shards on disk; quarantine unreadable ones."""
         self._index.clear()
         for shard in shards(self.folder):
             try:
                 shas = read_shard_shas(shard)
-            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
-                log.warning(
-                    "skipping unreadable shard %s (%s); run `transferlab cache verify`", shard, exc
-                )
+            except FileNotFoundError:
+                continue
+            except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError):
+                quarantine(shard)
                 continue
             for row, sha in enumerate(shas):
                 self._index.setdefault(sha, (shard, row))
@@ -157,19 +215,38 @@ class FeatureCache:
 
         Returns:
             (len(shas), D) float32.
+
+        Raises:
+            EntriesLost: some shards failed their digest check (now quarantined) or vanished;
+                their images are no longer in the index, so extract them and ask again.
         """
         by_shard: dict[Path, list[tuple[int, int]]] = {}
         for i, sha in enumerate(shas):
             shard, row = self._index[sha]
             by_shard.setdefault(shard, []).append((i, row))
         out: np.ndarray | None = None
+        lost: list[Path] = []
         for shard, pairs in by_shard.items():
-            with np.load(shard) as z:
-                feats = z["features"]
+            try:
+                ids, feats = read_shard(shard)
+            except FileNotFoundError:
+                lost.append(shard)
+                continue
+            except CorruptShard:
+                quarantine(shard)
+                lost.append(shard)
+                continue
+            if any(r >= len(ids) or ids[r] != shas[i] for i, r in pairs):
+                lost.append(shard)  # replaced under the same name since the index was built
+                continue
             if out is None:
                 out = np.empty((len(shas), feats.shape[1]), dtype=np.float32)
             idx, rows = zip(*pairs, strict=True)
             out[list(idx)] = feats[list(rows)]
+        if lost:
+            gone = set(lost)
+            self._index = {k: v for k, v in self._index.items() if v[0] not in gone}
+            raise EntriesLost(lost)
         return out if out is not None else np.empty((0, 0), dtype=np.float32)
 
     def put(self, shas: Sequence[str], features: np.ndarray) -> Path:

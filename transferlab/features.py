@@ -31,7 +31,7 @@ from transferlab.backbones import (
     resize_crop_transform,
     to_unit_float,
 )
-from transferlab.cache import FeatureCache, atomic_write_json, record_run
+from transferlab.cache import EntriesLost, FeatureCache, atomic_write_json, record_run
 from transferlab.data import open_rgb
 from transferlab.progress import progress
 
@@ -353,28 +353,46 @@ def extract_features(
     space = key_space(backbone, background=background, precision=precision)
     cache = FeatureCache(cache_root, space)
     cache.refresh()
-    todo = [i for i, sha in enumerate(shas) if sha not in cache]
-    unique_todo = list({shas[i]: i for i in todo}.values())
-    if unique_todo:
-        log.info("extracting %d new images (%d cached)", len(unique_todo), len(shas) - len(todo))
-        cache.describe(_space_meta(backbone, background, precision))
-        chunk = len(unique_todo) if compile or not checkpoint_every else checkpoint_every
-        for at in range(0, len(unique_todo), chunk):
-            part = unique_todo[at : at + chunk]
-            feats = _extract(
-                backbone,
-                [paths[i] for i in part],
-                batch_size=bs,
-                num_workers=num_workers,
-                precision=precision,
-                background=background,
-                compile=compile,
+    hits = None
+    # a shard that fails its digest check while being served is quarantined and its images
+    # extracted again; a second failure in a row is a disk that keeps corrupting what it holds
+    for attempt in range(3):
+        todo = [i for i, sha in enumerate(shas) if sha not in cache]
+        hits = len(shas) - len(todo) if hits is None else hits
+        unique_todo = list({shas[i]: i for i in todo}.values())
+        if unique_todo:
+            log.info(
+                "extracting %d new images (%d cached)", len(unique_todo), len(shas) - len(todo)
             )
-            cache.put([shas[i] for i in part], feats)
+            cache.describe(_space_meta(backbone, background, precision))
+            chunk = len(unique_todo) if compile or not checkpoint_every else checkpoint_every
+            for at in range(0, len(unique_todo), chunk):
+                part = unique_todo[at : at + chunk]
+                feats = _extract(
+                    backbone,
+                    [paths[i] for i in part],
+                    batch_size=bs,
+                    num_workers=num_workers,
+                    precision=precision,
+                    background=background,
+                    compile=compile,
+                )
+                cache.put([shas[i] for i in part], feats)
+        try:
+            features = cache.get(shas)
+            break
+        except EntriesLost as exc:
+            if attempt == 2:
+                raise RuntimeError(
+                    f"the feature cache {cache.folder} keeps failing verification ({exc}); "
+                    "check the disk, or point features.cache_dir elsewhere"
+                ) from None
+            log.warning("%s; extracting their images again", exc)
+            hits -= sum(1 for sha in shas if sha not in cache)
     stats = ExtractStats(
         images=len(shas),
-        hits=len(shas) - len(todo),
-        misses=len(todo),
+        hits=hits,
+        misses=len(shas) - hits,
         seconds=time.perf_counter() - start,
         precision=precision,
         batch_size=bs,
@@ -394,4 +412,4 @@ def extract_features(
                 "space": space,
             },
         )
-    return cache.get(shas), stats
+    return features, stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import signal
 import subprocess
@@ -68,13 +69,49 @@ def test_verify_finds_and_repairs_a_corrupt_shard(tmp_path):
     assert sha(1) in fresh and sha(3) not in fresh
 
 
-def test_a_truncated_shard_is_skipped_by_readers(tmp_path):
+def test_a_truncated_shard_is_quarantined_by_readers_and_rewritten_by_writers(tmp_path):
     bad = fill(tmp_path, "s", [1])
-    bad.write_bytes(bad.read_bytes()[:50])
+    good_bytes = bad.read_bytes()
+    bad.write_bytes(good_bytes[:50])
     reader = FeatureCache(tmp_path, "s")
     reader.refresh()
     assert len(reader) == 0
-    assert not cache.verify(tmp_path).ok
+    assert not bad.exists() and len(list((tmp_path / "s" / cache.QUARANTINE).iterdir())) == 1
+    assert cache.verify(tmp_path).ok  # quarantined files are out of the way
+    # the same features land under the same name again: a real file this time
+    assert fill(tmp_path, "s", [1]).read_bytes() == good_bytes
+
+
+@pytest.mark.parametrize("damage", ["zeroed-features", "truncated-after-indexing", "bit-flip"])
+def test_a_shard_damaged_under_its_name_is_never_served(tmp_path, damage):
+    shard = fill(tmp_path, "s", [1, 2])
+    reader = FeatureCache(tmp_path, "s")
+    reader.refresh()  # indexed while intact
+    if damage == "zeroed-features":  # a valid npz, same ids, all-zero rows
+        buf = io.BytesIO()
+        np.savez(buf, sha256=np.array([sha(1), sha(2)]), features=np.zeros((2, 8), np.float32))
+        shard.write_bytes(buf.getvalue())
+    elif damage == "truncated-after-indexing":
+        shard.write_bytes(shard.read_bytes()[:100])
+    else:
+        data = bytearray(shard.read_bytes())
+        data[-40] ^= 0x01
+        shard.write_bytes(bytes(data))
+    with pytest.raises(cache.EntriesLost) as info:
+        reader.get([sha(1), sha(2)])
+    assert info.value.shards == [shard]
+    assert sha(1) not in reader and not shard.exists()
+    assert len(list((tmp_path / "s" / cache.QUARANTINE).iterdir())) == 1
+    # re-put and served again, the real features
+    reader.put([sha(1), sha(2)], feats_for([1, 2]))
+    assert np.array_equal(reader.get([sha(2), sha(1)]), feats_for([2, 1]))
+
+
+def test_a_writer_rewrites_a_same_named_shard_with_other_bytes(tmp_path):
+    shard = fill(tmp_path, "s", [5])
+    good = shard.read_bytes()
+    shard.write_bytes(b"\0" * len(good))  # same size, zeros
+    assert fill(tmp_path, "s", [5]) == shard and shard.read_bytes() == good
 
 
 def test_gc_keeps_referenced_entries_in_every_space_and_drops_the_rest(tmp_path):
