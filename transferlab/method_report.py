@@ -49,8 +49,9 @@ def method_record(
 
     Args:
         metrics: the method's ``metrics/<name>.json``.
-        model: the stored ``Classifier`` (logged with mlflow.pytorch and registered as
-            ``<experiment>-<name>`` with alias ``candidate``).
+        model: the stored ``Classifier`` (logged as its state dicts, see
+            tracking/model_format.py, and registered as ``<experiment>-<name>`` with alias
+            ``candidate``).
     """
     size = model.backbone.spec.input_size
     scalars = {

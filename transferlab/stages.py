@@ -277,6 +277,7 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
             confusion_png=root / CONFUSION_DIR / f"{name}.png",
             experiment=params.tracking.experiment,
         )
+        record.model_dir = root / method.model_dir
         # one series per attack with every eps as a step, so the MLflow UI charts it (x = eps*255)
         attach_robustness(record, rows, report_eps=params.attack.report_eps)
         record.params["attack.eps_values"] = ",".join(f"{e:.6g}" for e in params.attack.eps)

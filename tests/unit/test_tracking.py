@@ -1,4 +1,5 @@
 import os
+from pathlib import Path
 
 import pytest
 
@@ -11,19 +12,32 @@ def test_logging_a_run_does_not_redirect_later_runs(pipeline_workspace):
 
 
 @pytest.mark.slow
-def test_logged_model_loads_and_takes_any_batch(pipeline_workspace):
+def test_logged_model_is_state_dicts_and_loads_with_any_batch(pipeline_workspace):
     import json
 
     import mlflow
+    import numpy as np
     import torch
+
+    from transferlab.config import load_params
+    from transferlab.tracking import load_registered_model
 
     results = json.loads((pipeline_workspace / "reports/results.json").read_text())
     ml = results["mlflow"]
     mlflow.set_tracking_uri(ml["tracking_uri"])
     try:
-        model = mlflow.pytorch.load_model(f"runs:/{ml['svm']}/model")
+        local = mlflow.artifacts.download_artifacts(f"runs:/{ml['svm']}/model")
+        # users who trust the store: pyfunc (the model is code, not a cloudpickle)
+        pyfunc = mlflow.pyfunc.load_model(f"runs:/{ml['svm']}/model")
     finally:
         mlflow.set_tracking_uri(None)
+    files = {p.name for p in Path(local).rglob("*") if p.is_file()}
+    assert {"head.pt", "meta.json", "MLmodel"} <= files
+    assert not files & {"model.pth", "python_model.pkl", "pickle_module_info.txt"}
+    assert pyfunc.predict(np.random.rand(3, 3, 224, 224).astype(np.float32)).shape == (3, 3)
+
+    params = load_params(pipeline_workspace / "params.yaml")
+    model, mv = load_registered_model(params, pipeline_workspace, "tiny-svm@candidate")
     with torch.inference_mode():
-        logits = model(torch.rand(3, 3, 224, 224))
-    assert logits.shape == (3, 3)
+        assert model(torch.rand(5, 3, 224, 224)).shape == (5, 3)
+    assert model.classes == json.loads(mv.tags["model.classes"])

