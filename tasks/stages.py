@@ -76,8 +76,16 @@ def _code_digest() -> str:
 
 
 def outputs_present(stage: str, workdir: str | Path) -> bool:
+    """Whether the stage's outputs are all there (and, for pull, whole: a cached result must
+    not stand for a dataset with an image deleted since, or the next stage fails on it)."""
     s = STAGES[stage]
-    return all((Path(workdir) / out).exists() for out in (*s.outs, *s.metrics, *s.plots))
+    if not all((Path(workdir) / out).exists() for out in (*s.outs, *s.metrics, *s.plots)):
+        return False
+    if stage == "pull":
+        from transferlab.data.pull import dataset_problem
+
+        return dataset_problem(Path(workdir) / "data") is None
+    return True
 
 
 def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:

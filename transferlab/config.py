@@ -737,6 +737,8 @@ def _one_line(err: ValidationError, file: Path) -> str:
         allowed = ", ".join(owner.model_fields) if owner else "see params.yaml"
         return f"{file}: unknown key '{key}'; allowed keys here: {allowed}"
     msg = first["msg"].removeprefix("Value error, ")
+    if len(msg) > 300:  # a validator's message may quote the (long) value
+        msg = msg[:296] + "...'"
     if kind == "literal_error" and "expected" in first.get("ctx", {}):
         msg = f"allowed values are {first['ctx']['expected']}"
     elif kind == "union_tag_invalid":

@@ -83,7 +83,7 @@ def test_cut_connection_is_resumed_to_a_correct_file(server, tmp_path: Path) -> 
     assert path.read_bytes() == data
     # First request from 0, the second resumes where the cut left off.
     assert server.requests == [("/flowers.tar", None), ("/flowers.tar", f"bytes={len(data) // 3}-")]
-    assert [p.name for p in (tmp_path / "dl").iterdir()] == [path.name]
+    assert sorted(p.name for p in (tmp_path / "dl").iterdir()) == [path.name, path.name + ".urls"]
 
 
 @pytest.mark.parametrize(("status", "attempts"), [(404, 1), (500, 3)])
@@ -101,8 +101,35 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path) -> None:
     from tests.integration.helpers import free_port
 
     url = f"http://127.0.0.1:{free_port()}/x.zip"
-    with pytest.raises(DataSourceError, match="after 2 attempts"):
+    with pytest.raises(DataSourceError, match="after 2 attempts") as info:
         http_mod.download(url, "0" * 64, tmp_path / "dl", retries=1)
+    # nothing was received, so no partial file is promised
+    assert "nothing was received" in str(info.value) and ".part" not in str(info.value)
+    assert not list((tmp_path / "dl").glob("*.part"))
+
+
+@pytest.mark.parametrize("fault", ["404", "corrupt"])
+def test_a_new_url_is_contacted_even_when_its_sha256_is_cached(server, tmp_path, fault) -> None:
+    data = tar_gz(MEMBERS)
+    sha = hashlib.sha256(data).hexdigest()
+    server.files["/flowers.tar.gz"] = data
+    pull_dataset(_params(server.url + "/flowers.tar.gz", sha, tmp_path / "dl"), tmp_path / "out")
+    manifest = (tmp_path / "out" / "manifest.csv").read_bytes()
+    if fault == "404":
+        server.status["/moved.tar.gz"] = 404
+        match = "HTTP 404"
+    else:
+        server.files["/moved.tar.gz"] = data[:-100] + bytes(100)
+        match = "checksum mismatch"
+    with pytest.raises(DataSourceError, match=match):
+        pull_dataset(_params(server.url + "/moved.tar.gz", sha, tmp_path / "dl"), tmp_path / "out")
+    assert ("/moved.tar.gz", None) in server.requests
+    # the dataset, and the URL its manifest names, are the good pull's
+    assert (tmp_path / "out" / "manifest.csv").read_bytes() == manifest
+    # the archive served by the first URL is still cached and reused without a request
+    server.requests.clear()
+    pull_dataset(_params(server.url + "/flowers.tar.gz", sha, tmp_path / "dl"), tmp_path / "out")
+    assert server.requests == []
 
 
 def _tar_with(member_kind: str) -> bytes:

@@ -178,8 +178,9 @@ def test_http_path_traversal_is_refused(case, http, tmp_path):
     with pytest.raises(DataSourceError, match=r"refusing .*'\.\./\.\./evil\.png' points outside"):
         _pull(ws, _http_source(http, tmp_path / "dl", path="/evil.tar.gz", sha=sha))
     assert list(tmp_path.rglob("evil.png")) == [] and not (tmp_path.parent / "evil.png").exists()
-    # only the downloaded (checked) archive: no extracted tree, no half-extracted temp folder
-    assert _files(tmp_path / "dl") == [f"{sha}.tar.gz"]
+    # only the downloaded (checked) archive and the URL that served it: no extracted tree, no
+    # half-extracted temp folder
+    assert _files(tmp_path / "dl") == [f"{sha}.tar.gz", f"{sha}.tar.gz.urls"]
     assert not (ws / "data").exists()
 
 

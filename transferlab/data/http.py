@@ -1,13 +1,23 @@
 """Download an archive over HTTP(S) with resume, retries and a required sha256; extract safely.
 
 The cache folder holds ``<sha256>.<ext>`` (complete, checked), ``<sha256>.<ext>.part`` (an
-interrupted download, resumed with an HTTP Range request) and ``<sha256>/`` (the extracted
-tree, renamed into place only once complete).
+interrupted download, resumed with an HTTP Range request), ``<sha256>.<ext>.urls`` (the URLs
+that served exactly these bytes) and ``<sha256>/`` (the extracted tree, renamed into place only
+once complete).
+
+The cached archive is reused only for a URL that has served it before. A new URL is always
+contacted and its bytes checked against ``sha256``, so a source pointed at a dead link or at a
+corrupt copy fails even when an archive with that sha256 is cached, and the manifest never names
+a URL that was not seen to serve the data.
+
+Archives are bounded before extraction: at most :data:`MAX_MEMBERS` members, and the sizes they
+declare must fit in the free space of the cache's disk (zip and tar report them up front).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -25,6 +35,9 @@ from transferlab.progress import progress
 log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
+MAX_MEMBERS = 2_000_000
+# Left free after extraction, so that the pull's own copy of the images still fits.
+_FREE_MARGIN = 1 << 30
 _CHUNK = 1 << 16
 # Client errors other than these will not go away by asking again.
 _RETRYABLE_4XX = frozenset({408, 425, 429})
@@ -64,7 +77,8 @@ def download(
     sha256 = sha256.lower()
     cache.mkdir(parents=True, exist_ok=True)
     final = cache / f"{sha256}{archive_suffix(url)}"
-    if final.is_file():
+    served = final.with_name(final.name + ".urls")
+    if final.is_file() and url in _served_by(served):
         return final
     part = final.with_name(final.name + ".part")
     last: str = ""
@@ -86,9 +100,15 @@ def download(
         except (urllib.error.URLError, OSError, TimeoutError) as exc:
             last = str(getattr(exc, "reason", exc))
     else:
+        kept = (
+            f"the partial file {part} ({part.stat().st_size} bytes) is kept and the next pull "
+            "resumes it"
+            if part.is_file() and part.stat().st_size
+            else "nothing was received"
+        )
         raise DataSourceError(
-            f"cannot download {url} after {retries + 1} attempts: {last}; the partial file "
-            f"{part} is kept and the next pull resumes it"
+            f"cannot download {url} after {retries + 1} attempts: {last}; {kept}; check "
+            "data.source.url and the network"
         )
     digest = _sha256(part)
     if digest != sha256:
@@ -98,7 +118,22 @@ def download(
             f"deleted. Fix data.source.sha256 if the archive changed on purpose"
         )
     os.replace(part, final)
+    _write_served_by(served, {*_served_by(served), url})
     return final
+
+
+def _served_by(path: Path) -> set[str]:
+    try:
+        urls = json.loads(path.read_text(encoding="utf-8"))
+        return {u for u in urls if isinstance(u, str)}
+    except (OSError, ValueError, TypeError):
+        return set()
+
+
+def _write_served_by(path: Path, urls: set[str]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(sorted(urls), indent=1), encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _fetch(url: str, part: Path, timeout: float) -> None:
@@ -180,9 +215,28 @@ def _safe_member(name: str, archive: Path) -> PurePosixPath:
     return p
 
 
+def _check_expansion(archive: Path, out: Path, sizes: list[int]) -> None:
+    """Refuse an archive with too many members or more bytes than the disk has room for."""
+    if len(sizes) > MAX_MEMBERS:
+        raise DataSourceError(
+            f"refusing {archive}: {len(sizes)} members, more than {MAX_MEMBERS}; split the data"
+        )
+    total, free = sum(sizes), shutil.disk_usage(out).free
+    if total > free - _FREE_MARGIN:
+        raise DataSourceError(
+            f"refusing {archive}: it expands to {total / 1e9:.1f} GB but {out} has "
+            f"{free / 1e9:.1f} GB free (1 GB kept spare); free space or move data.source.path"
+        )
+
+
 def _extract_tar(archive: Path, out: Path) -> None:
     with tarfile.open(archive) as tar:
-        members = tar.getmembers()
+        members = []
+        for m in tar:  # stops reading the member list early if it is too long
+            members.append(m)
+            if len(members) > MAX_MEMBERS:
+                break
+        _check_expansion(archive, out, [m.size for m in members])
         for m in members:
             p = _safe_member(m.name, archive)
             if m.issym() or m.islnk():
@@ -203,6 +257,8 @@ def _extract_tar(archive: Path, out: Path) -> None:
 
 def _extract_zip(archive: Path, out: Path) -> None:
     with zipfile.ZipFile(archive) as zf:
+        # zipfile stops reading a member at its declared size, so these sizes hold
+        _check_expansion(archive, out, [info.file_size for info in zf.infolist()])
         for info in zf.infolist():
             _safe_member(info.filename, archive)
             # A zip entry with the Unix symlink mode would become a link on other extractors;
