@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from prefect import flow
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
 from flows.features import run_feature_shards
 from tasks.attack import map_attack_batches
@@ -42,8 +42,8 @@ def lineage_context() -> dict[str, str]:
     url = url_for("flow-run", obj_id=str(flow_run.id))
     if url and url.startswith(("http://", "https://")):
         ctx["prefect.flow_run_url"] = url
-    if flow_run.deployment_id:
-        ctx["prefect.deployment_id"] = str(flow_run.deployment_id)
+    if deployment.id:
+        ctx["prefect.deployment_id"] = str(deployment.id)
     return ctx
 
 

@@ -11,14 +11,17 @@ from pathlib import Path
 
 from prefect import task, unmapped
 
+from tasks.stages import retry_transient
 from transferlab.config import load_params
+from transferlab.progress import in_stage
 from transferlab.robustness import num_batches, sweep_batch
 
 
-@task(retries=1, retry_delay_seconds=[5])
+@task(retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_transient)
 def attack_batch(params_path: str, workdir: str, model: str, batch: int) -> int:
     """Attack batch ``batch`` of ``model`` with every attack and eps; returns images done."""
-    return sweep_batch(load_params(params_path), Path(workdir), model, batch)
+    with in_stage("attack"):
+        return sweep_batch(load_params(params_path), Path(workdir), model, batch)
 
 
 def map_attack_batches(params_path: str, workdir: str) -> list[int]:

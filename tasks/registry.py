@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.stages import HEAVY_TAG, NETWORK_TAG
+from tasks.stages import HEAVY_TAG, NETWORK_TAG, retry_transient
 from transferlab.config import load_params
 from transferlab.stages import attack_registered
 
@@ -15,6 +15,7 @@ from transferlab.stages import attack_registered
 @task(
     retries=2,
     retry_delay_seconds=[5, 30],
+    retry_condition_fn=retry_transient,
     timeout_seconds=6 * 3600,
     tags={HEAVY_TAG, NETWORK_TAG, "stage:attack-eval"},
 )

@@ -15,10 +15,13 @@ from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
 
 import transferlab
-from transferlab.config import load_params
+from transferlab.config import ParamsError, load_params
+from transferlab.data.sources import DataSourceError
 from transferlab.lineage import run_kind
 from transferlab.methods import METHODS
+from transferlab.progress import in_stage
 from transferlab.stages import STAGES
+from transferlab.workspace import WorkspaceBusy
 
 # Stages that take the flow run's lineage context (the MLflow tags; whether the gate may promote).
 CONTEXT_STAGES = ("report", "gate")
@@ -27,6 +30,25 @@ CONTEXT_STAGES = ("report", "gate")
 RETRIES = {"pull": 2, "report": 2}
 # The registry calls of the gate reach the tracking server too.
 RETRIES["gate"] = 2
+
+# Errors a retry cannot fix: the same input fails the same way (bad params, a missing folder,
+# a checksum mismatch, a corrupt file). The library retries its own network calls (downloads,
+# S3) before it raises DataSourceError, so that one has had its retries too.
+DETERMINISTIC = (
+    ParamsError,
+    DataSourceError,
+    ValueError,
+    LookupError,
+    FileNotFoundError,
+    NotADirectoryError,
+    WorkspaceBusy,
+)
+
+
+def retry_transient(task, task_run, state) -> bool:  # noqa: ARG001 - Prefect's signature
+    """Prefect ``retry_condition_fn``: retry a failed task unless its error is deterministic."""
+    return not isinstance(state.data, DETERMINISTIC)
+
 
 # Stages that saturate the CPU/GPU carry this tag; a tag concurrency limit on the Prefect server
 # (`prefect concurrency-limit create heavy 1`, done by infra/bootstrap.sh) keeps concurrent flow
@@ -104,7 +126,12 @@ def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:
     return h.hexdigest()
 
 
-@task(cache_key_fn=stage_cache_key, persist_result=True, retry_delay_seconds=[2, 10])
+@task(
+    cache_key_fn=stage_cache_key,
+    persist_result=True,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=retry_transient,
+)
 def run_stage(
     stage: str, params_path: str, workdir: str, context: dict[str, str] | None = None
 ) -> dict:
@@ -112,13 +139,14 @@ def run_stage(
     fn = STAGES[stage].run
     params = load_params(params_path)
     root = Path(workdir)
-    return fn(params, root, context=context) if stage in CONTEXT_STAGES else fn(params, root)
+    with in_stage(stage):
+        return fn(params, root, context=context) if stage in CONTEXT_STAGES else fn(params, root)
 
 
 # ------------------------------------------------------------------ feature shards
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2)
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient)
 def run_feature_shard(params_path: str, workdir: str, shard_index: int, n_shards: int) -> dict:
     """Fill the feature cache for one manifest shard (no result cache: the feature cache is one).
 
@@ -127,4 +155,5 @@ def run_feature_shard(params_path: str, workdir: str, shard_index: int, n_shards
     """
     from transferlab.stages import features_shard
 
-    return features_shard(load_params(params_path), Path(workdir), shard_index, n_shards)
+    with in_stage("features"):
+        return features_shard(load_params(params_path), Path(workdir), shard_index, n_shards)

@@ -78,11 +78,48 @@ def _setup(params_path: Path, verbose: bool, quiet: bool):
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     if quiet:  # for logs: no progress bars either (tqdm reads its defaults from TQDM_*)
         os.environ["TQDM_DISABLE"] = "1"
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    install_log_redaction()
+    _configure_logging(level)
     for noisy in ("urllib3", "alembic", "matplotlib", "PIL", "httpx", "mlflow.store"):
         logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
     return load_params(params_path)
+
+
+class _LogFormat(logging.Formatter):
+    """``LEVEL logger [task or flow run]: message``, with the time when stderr is a log file.
+
+    Prefect puts the run's name on its records (``task_run_name``, ``flow_run_name``); without
+    it, a log of a whole run has dozens of "Finished in state Completed()" naming nothing.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        run = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None)
+        record.where = f"{record.name} [{run}]" if run else record.name
+        return super().format(record)
+
+
+class _FailureOnce(logging.Filter):
+    """Drops Prefect's records of a failure (a failed task or flow, its traceback): the CLI
+    prints the error itself, as one line (``main``). Retries and warnings still show."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.name.startswith("prefect"):
+            return True
+        failed = record.getMessage().startswith("Finished in state Failed")
+        return not (failed or record.levelno >= logging.ERROR)
+
+
+def _configure_logging(level: int) -> None:
+    """One stderr handler for every logger (Prefect's included), with secrets redacted."""
+    fmt = "%(levelname)s %(where)s: %(message)s"
+    if not sys.stderr.isatty():
+        fmt = "%(asctime)s " + fmt
+    # MLflow would give its loggers a handler and format of their own (lines starting with a
+    # date, apart from ours); let them reach this one instead.
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
+    handler = logging.StreamHandler()
+    handler.setFormatter(_LogFormat(fmt, datefmt="%H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+    install_log_redaction()
 
 
 def _stage_command(
@@ -92,11 +129,11 @@ def _stage_command(
         params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
     ) -> None:
         loaded = _setup(params, verbose, quiet)  # first: quiet mode must precede tqdm's import
-        from transferlab.progress import logs_above_bars
+        from transferlab.progress import in_stage, logs_above_bars
         from transferlab.stages import STAGES
         from transferlab.workspace import workspace_lock
 
-        with workspace_lock(Path.cwd()), logs_above_bars():
+        with workspace_lock(Path.cwd()), logs_above_bars(), in_stage(name):
             summary = STAGES[name].run(loaded, Path.cwd())
         if not quiet:
             out.print_json(data=summary)
@@ -373,9 +410,12 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: 
     from flows.pipeline import pipeline  # the orchestration layer; the library never imports it
     from transferlab.progress import logs_above_bars
 
+    if not verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_FailureOnce())
     with logs_above_bars():
         result = pipeline(params_path=str(params), workdir=str(Path.cwd()))
-    print_results(result["report"])
+    print_results(result["report"], report_eps=loaded.attack.report_eps)
 
 
 # ------------------------------------------------------------------ cache commands
@@ -410,9 +450,7 @@ def _cache_root(params: Path, cache_dir: Path | None, verbose: bool, quiet: bool
 def _setup_logging_only(verbose: bool, quiet: bool) -> None:
     global _verbose
     _verbose = verbose
-    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
-    install_log_redaction()
+    _configure_logging(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
 
 
 @cache_app.command(
@@ -527,14 +565,65 @@ def _cell(value: object) -> str:
     return "-" if value is None else str(value)
 
 
-def print_results(report: dict) -> None:
-    out.print(_table("transferlab results", report["table"]))
+# Short, distinct headers for the results table, so it fits 80 columns (a log file's width).
+_HEADERS = {
+    "method": "method",
+    "test_acc": "test",
+    "val_acc": "val",
+    "train_seconds": "train s",
+    "trained_params": "params",
+    "regime": "regime",
+}
+
+
+def _header(key: str, eps: str) -> str:
+    if key in _HEADERS:
+        return _HEADERS[key]
+    if key.startswith("robust_acc_"):
+        return f"{key.removeprefix('robust_acc_')}@{eps}"
+    return key.replace("_", " ")
+
+
+def _compact(value: object) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 10_000:
+        return f"{value / 1e6:.2f}M" if value >= 1_000_000 else f"{value / 1e3:.0f}k"
+    if isinstance(value, float) and value >= 10:
+        return f"{value:.0f}"
+    return _cell(value)
+
+
+def results_table(rows: list[dict], *, report_eps: float) -> Table:
+    """The results as a table that fits 80 columns: short distinct headers (robust accuracy as
+    ``<attack>@<eps>``), compact numbers; a long cell wraps inside its row."""
+    from fractions import Fraction
+
+    from rich import box
+
+    eps = str(Fraction(report_eps).limit_denominator(1000))
+    table = Table(
+        title=f"transferlab results (test accuracy; robust accuracy at eps {eps})",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+        pad_edge=False,
+    )
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    for key in keys:
+        numeric = all(isinstance(r.get(key), int | float | type(None)) for r in rows)
+        header = _header(key, eps)
+        table.add_column(header, justify="right" if numeric else "left", min_width=len(header))
+    for row in rows:
+        table.add_row(*(_compact(row.get(k)) for k in keys))
+    return table
+
+
+def print_results(report: dict, *, report_eps: float) -> None:
+    out.print(results_table(report["table"], report_eps=report_eps))
     ml = report["mlflow"]
     out.print(f"MLflow run {ml['parent']} in {escape(redact(ml['tracking_uri']))}")
     if report.get("html"):
         out.print(f"Report: {report['html']}")
     if ml["tracking_uri"].startswith(("http://", "https://")):
-        out.print(f"MLflow UI: {ml['tracking_uri']}", highlight=False)
+        out.print(f"MLflow UI: {escape(redact(ml['tracking_uri']))}", highlight=False)
     else:
         out.print("Open the MLflow UI with: [bold]transferlab ui[/bold] [--port P]")
 

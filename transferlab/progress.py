@@ -8,14 +8,23 @@ reads the variable when each bar is made, so quiet mode holds whatever the impor
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["Throttle", "logs_above_bars", "progress", "progress_disabled", "show_fit"]
+__all__ = [
+    "Throttle",
+    "in_stage",
+    "logs_above_bars",
+    "progress",
+    "progress_disabled",
+    "show_fit",
+]
 
 
 def progress_disabled() -> bool:
@@ -36,8 +45,9 @@ def progress(
     """A tqdm bar on stderr that shows its rate in ``unit``/s (img/s, epoch/s, batch/s...).
 
     Inner bars (a batch bar inside an epoch bar) keep ``leave=False`` so a finished step leaves
-    no line behind. Bars show whether or not stderr is a terminal (``dvc repro`` and CI logs
-    included); ``--quiet`` is the switch for logs.
+    no line behind. Outside a terminal (``dvc repro``, CI, ``make run > log``) a bar is a plain
+    line every ``LOG_INTERVAL`` seconds, named after the stage, with no carriage returns or
+    cursor codes (``_LineWriter``); ``--quiet`` turns bars off altogether.
 
     Args:
         iterable: what to iterate over, or None to ``update()`` by hand.
@@ -48,17 +58,68 @@ def progress(
         disable: no bar for this call (it is off under ``--quiet`` anyway).
         **kwargs: passed to tqdm (``unit_scale``, ``initial``, ``postfix``...).
     """
+    stage = _STAGE.get()
+    if stage and not desc.startswith(stage):
+        desc = f"{stage}: {desc}"
+    if sys.stderr.isatty():
+        looks = {"file": sys.stderr, "dynamic_ncols": True}
+    else:
+        looks = {
+            "file": _LineWriter(sys.stderr),
+            "mininterval": LOG_INTERVAL,
+            "delay": LOG_INTERVAL,  # steps shorter than that leave no line at all
+            "bar_format": LOG_FORMAT,
+        }
     return tqdm(
         iterable,
         desc=desc,
         unit=unit,
         total=total,
         leave=leave,
-        file=sys.stderr,
         disable=disable or progress_disabled(),
-        dynamic_ncols=True,
+        **looks,
         **kwargs,
     )
+
+
+# Outside a terminal: one line per bar at most every LOG_INTERVAL seconds, no bar drawing.
+LOG_INTERVAL = 5.0
+LOG_FORMAT = (
+    "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+)
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+_STAGE: ContextVar[str | None] = ContextVar("transferlab_stage", default=None)
+
+
+@contextmanager
+def in_stage(name: str) -> Iterator[None]:
+    """Bars made meanwhile (in this thread or context) start with ``name:``, so a log with
+    several stages says which one each progress line is about."""
+    token = _STAGE.set(name)
+    try:
+        yield
+    finally:
+        _STAGE.reset(token)
+
+
+class _LineWriter:
+    """A file for tqdm when stderr is a log, not a terminal: each redraw (tqdm writes
+    ``\\r`` + the bar) becomes one line; cursor moves, blank redraws and repeats are dropped."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._last = ""
+
+    def write(self, text: str) -> int:
+        for piece in re.split(r"[\r\n]", _ESCAPES.sub("", text)):
+            line = piece.strip()
+            if line and line != self._last:
+                self._stream.write(line + "\n")
+                self._last = line
+        return len(text)
+
+    def flush(self) -> None:
+        self._stream.flush()
 
 
 def show_fit(bar: tqdm, loss: float, acc: float, val_acc: float | None = None) -> None:

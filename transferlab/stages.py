@@ -195,7 +195,7 @@ def attack(params: Params, root: Path) -> dict:
         if c["bf16_fp32_agreement"] < 0.95:
             flags.append({"level": "warn", "check": "bf16 agrees with fp32 (clean)", **c})
     for f in flags:
-        (log.error if f["level"] == "fail" else log.warning)("sanity %s: %s", f["level"], f)
+        (log.error if f["level"] == "fail" else log.warning)("%s", _flag_sentence(f))
     summary = {
         m: {
             "clean_acc": next(r["clean_acc"] for r in rows if r["model"] == m),
@@ -307,6 +307,17 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
     write_json(root / RESULTS, {"table": table, "mlflow": ids, "tags": tags})
     write_html_report(root, root / REPORT_HTML, title=f"transferlab: {params.tracking.experiment}")
     return {"table": table, "mlflow": ids, "html": str(root / REPORT_HTML)}
+
+
+def _flag_sentence(flag: dict) -> str:
+    """A sanity flag as a log sentence, e.g. "Sanity check failed: robust <= clean (svm, pgd at
+    eps 4/255)." ("warn" and "note" flags read "needs a look")."""
+    where = [str(flag[k]) for k in ("model", "attack") if k in flag]
+    if isinstance(flag.get("eps"), int | float):
+        where.append(f"at eps {flag['eps'] * 255:g}/255")
+    verdict = "failed" if flag["level"] == "fail" else "needs a look"
+    detail = f" ({', '.join(where)})" if where else ""
+    return f"Sanity check {verdict}: {flag['check']}{detail}."
 
 
 def gate(params: Params, root: Path, *, context: dict[str, str] | None = None) -> dict:

@@ -105,9 +105,10 @@ def test_unchanged_weights_are_not_registered_again(ws, monkeypatch):
     run = client(ws).get_run(again["svm"])
     assert run.data.tags["model.version"] == "1"
     assert run.data.tags["model.uri"] == "models:/tiny-svm/1"
-    assert run.data.tags["model.digest"] == client(ws).get_model_version("tiny-svm", "1").tags[
-        "model.digest"
-    ]
+    assert (
+        run.data.tags["model.digest"]
+        == client(ws).get_model_version("tiny-svm", "1").tags["model.digest"]
+    )
     assert not client(ws).list_artifacts(again["svm"], "model")  # no copy of the weights
     parent = client(ws).get_run(again["parent"])
     assert parent.info.run_name.endswith(" · same params")

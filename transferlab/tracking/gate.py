@@ -79,19 +79,21 @@ def apply_gate(
         client.set_model_version_tag(name, str(version), key, value)
     if record["alias_moved"]:
         client.set_registered_model_alias(name, gp.alias, str(version))
-    elif decision.promote:
-        log.info(
-            "gate %s v%s passes, but this is an experiment or ad-hoc run: %s stays where it "
-            "was (run `transferlab gate` to promote)",
-            name,
-            version,
-            gp.alias,
-        )
     record["champion_after"] = str(version) if record["alias_moved"] else record["champion_before"]
     run_id = client.get_model_version(name, str(version)).run_id
     if run_id:
         for key, value in tags.items():
             client.set_tag(run_id, key, value)
         client.log_dict(run_id, record, f"gate/{method}.json")
-    log.info("gate %s v%s: %s (%s)", name, version, decision.decision, decision.reasons[0])
+    held = decision.promote and not move_alias
+    log.info(
+        "gate %s v%s: %s (%s)%s",
+        name,
+        version,
+        decision.decision,
+        decision.reasons[0],
+        f"; not applied: only the deployment or `transferlab gate` moves @{gp.alias}"
+        if held
+        else "",
+    )
     return record
