@@ -363,19 +363,27 @@ class FeaturesParams(Section):
 
 
 class LearningCurveParams(Section):
-    """``transferlab experiment learning-curve``: all three methods on the same few-shot subsets
-    of Fashion-MNIST (Debian ``dataset-fashion-mnist`` IDX files), one held-out test set."""
+    """``transferlab experiment learning-curve``: every method on the same nested subsets of
+    Fashion-MNIST (Debian ``dataset-fashion-mnist`` IDX files), one held-out test set, intervals
+    over seeds and test images (``docs/learning_curve.md``)."""
 
     idx_dir: Path = Path("/usr/share/datasets/fashion-mnist")
-    n_per_class: tuple[Annotated[int, Field(ge=1)], ...] = Field((1, 5, 25, 100), min_length=1)
+    # ordered as the lecture ranks them, from the few-images winner to the many-images winner
+    methods: tuple[str, ...] = Field(("svm", "top", "full"), min_length=1)
+    n_per_class: tuple[Annotated[int, Field(ge=1)], ...] = Field(
+        (1, 5, 20, 100, 300, 1000), min_length=1
+    )
+    # methods that train the backbone are slow on a CPU: their own (smaller) grid
+    backbone_n_per_class: tuple[Annotated[int, Field(ge=1)], ...] = (1, 10)
     seeds: tuple[Seed, ...] = Field((0, 1, 2), min_length=1)
-    test_per_class: int = Field(20, ge=1)
-    # every method sees the same upscaled images; small, because full fine-tuning runs on a CPU
-    image_size: int = Field(32, ge=16)
-    top_epochs: int = Field(60, ge=1)
-    full_epochs: int = Field(1, ge=1)
-    full_batch_size: int = Field(32, ge=1)
-    full_min_steps: int = Field(10, ge=1, description="more epochs for tiny subsets")
+    test_per_class: int = Field(100, ge=1)
+    val_per_class: int = Field(10, ge=1, description="per seed, for early stopping")
+    pool_per_class: int = Field(1500, ge=2, description="each seed draws its subsets from it")
+    image_size: int = Field(96, ge=16)
+    precision: Literal["fp32", "bf16"] = "bf16"  # feature extraction of the pool and test set
+    min_epoch_images: int = Field(
+        128, ge=1, description="tiny training sets are repeated to this many images per epoch"
+    )
     out_dir: Path = Path("docs/learning_curve")
 
 

@@ -1,9 +1,27 @@
 """The learning-curve experiment: which adaptation method wins at which training-set size.
 
-All three methods (svm, top, full) train on the same few-shot subsets (N images per class, drawn
-per seed from a fixed pool) and are scored on one held-out test set. Fashion-MNIST comes from
-Debian's ``dataset-fashion-mnist`` IDX files, read here with numpy + gzip; the 28 px grey images
-are upscaled to ``image_size`` and repeated to 3 channels, the same input for every method.
+The lecture's claim: a linear SVM on deep features wins with a few images per class, a new top
+layer in between, full fine-tuning with many. This experiment tests it on Fashion-MNIST (Debian's
+``dataset-fashion-mnist`` IDX files, read with numpy + gzip), with error bars that mean what they
+say:
+
+- Images are upscaled from 28 px to ``image_size`` (>= 96 px, a size the ImageNet backbone can
+  see detail at) and repeated to 3 channels: the same input for every method.
+- One held-out test set of ``test_per_class`` images per class from ``t10k``, scored by every run.
+- A pool of ``pool_per_class`` training images per class; each seed shuffles it on its own and
+  takes a validation set (``val_per_class``, for early stopping) and then nested training subsets:
+  the first N of its order for every N, so N=100 holds N=20. The pool is larger than the largest
+  N, so the largest subset differs between seeds.
+- The frozen backbone's features of the pool and the test set are extracted once (cached on
+  disk by content); the SVM and the top layer train on them. Full fine-tuning trains through the
+  backbone, so it runs only at ``full_n_per_class`` (what this CPU can train to convergence).
+- Every method trains under the pipeline's protocol (its ``params.yaml`` section: early stopping
+  on validation, never on test) with a step budget that scales with the training set: an epoch
+  is at least ``min_epoch_images`` images (tiny sets are repeated), so a handful of images still
+  gets a few hundred optimiser steps.
+- Each point's interval combines the seed spread (ddof=1) and the test-set sampling
+  (``transferlab.stats.seed_mean_interval``); methods are compared per N with a paired
+  difference over the same test images (``paired_seed_difference``).
 
 Progress: a features bar (img/s), then a bar over the (seed, N) points whose postfix shows the
 last point's test accuracy per method, over the trainers' own bars.
@@ -12,20 +30,23 @@ last point's test accuracy per method, over the trainers' own bars.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import logging
 import math
-import os
-import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from transferlab.config import FullParams, LearningCurveParams, Params, SvmParams, TopParams
+from transferlab.atomic import atomic_write
+from transferlab.config import LearningCurveParams, Params
 from transferlab.progress import progress
 from transferlab.report import save_figure
+from transferlab.stats import TIE, paired_seed_difference, seed_mean_interval, wilson
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +62,8 @@ FASHION_CLASSES = (
     "bag",
     "ankle_boot",
 )
-METHODS = ("svm", "top", "full")
+# the seed's table (transferlab.report.training_regime): few, dozens to hundreds, 1000+ per class
+REGIMES = ((25, "few (< 25/class)"), (1000, "dozens-hundreds"), (math.inf, "1000+/class"))
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -64,251 +86,603 @@ def load_fashion(folder: Path, part: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_rgb(x: np.ndarray, size: int) -> torch.Tensor:
-    """(N, 28, 28) uint8 -> (N, 3, size, size) float in [0, 1] (bilinear upscaling)."""
+    """(N, 28, 28) uint8 -> (N, 3, size, size) float in [0, 1] (bilinear, antialiased)."""
     t = torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)
     t = F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return t.clamp_(0, 1).expand(-1, 3, -1, -1).contiguous()
 
 
 def per_class_indices(y: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """``n`` random indices of each class (fewer where a class has fewer)."""
+    """``n`` random indices of each class (fewer where a class has fewer), sorted."""
     out = [rng.permutation(np.flatnonzero(y == c))[:n] for c in np.unique(y)]
     return np.sort(np.concatenate(out))
 
 
-def _features(backbone, x: torch.Tensor, batch: int = 128, *, desc: str) -> np.ndarray:
+@dataclass(frozen=True)
+class SeedSplit:
+    """One seed's draw from the pool: validation indices and nested training subsets."""
+
+    val: np.ndarray
+    train: dict[int, np.ndarray]  # N per class -> indices into the pool
+
+
+def seed_split(y_pool: np.ndarray, ns: tuple[int, ...], val_per_class: int, seed: int) -> SeedSplit:
+    """Shuffle each class of the pool with ``seed``; the first ``val_per_class`` are validation,
+    and the training subset of size N is the next N: nested across N, disjoint from validation.
+    """
+    rng = np.random.default_rng(seed)
+    orders = [rng.permutation(np.flatnonzero(y_pool == c)) for c in np.unique(y_pool)]
+    short = [len(o) for o in orders if len(o) < val_per_class + max(ns)]
+    if short:
+        raise ValueError(
+            f"learning_curve: a class has only {min(short)} pool images, fewer than "
+            f"val_per_class + max N = {val_per_class + max(ns)}; raise pool_per_class"
+        )
+    val = np.sort(np.concatenate([o[:val_per_class] for o in orders]))
+    train = {
+        n: np.sort(np.concatenate([o[val_per_class : val_per_class + n] for o in orders]))
+        for n in ns
+    }
+    return SeedSplit(val, train)
+
+
+def repeat_to(n_items: int, min_items: int) -> np.ndarray:
+    """Indices 0..n_items-1 repeated until there are at least ``min_items`` (one epoch's worth)."""
+    reps = max(1, math.ceil(min_items / max(n_items, 1)))
+    return np.tile(np.arange(n_items), reps)
+
+
+# ------------------------------------------------------------------ features
+
+
+def _features(backbone, x_u8: np.ndarray, size: int, *, precision: str, desc: str) -> np.ndarray:
+    """Frozen-backbone features of 28 px images, upscaled batch by batch (the whole pool at
+    96 px would take gigabytes as float tensors)."""
     out = []
-    with torch.inference_mode(), progress(desc=desc, unit="img", total=len(x)) as bar:
-        for i in range(0, len(x), batch):
-            out.append(backbone.features(x[i : i + batch]).numpy())
-            bar.update(len(out[-1]))
-    return np.concatenate(out)
+    bf16 = precision == "bf16"
+    with (
+        torch.inference_mode(),
+        torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16),
+        progress(desc=desc, unit="img", total=len(x_u8)) as bar,
+    ):
+        for i in range(0, len(x_u8), 64):
+            f = backbone.features(to_rgb(x_u8[i : i + 64], size)).float().numpy()
+            out.append(f)
+            bar.update(len(f))
+    return np.concatenate(out) if out else np.zeros((0, backbone.feature_dim), np.float32)
+
+
+def cached_features(
+    backbone, x_u8: np.ndarray, *, size: int, precision: str, cache_dir: Path, desc: str
+) -> np.ndarray:
+    """:func:`_features`, kept in ``cache_dir`` under a key of the weights, size, precision and
+    pixels, so a rerun (or another N grid) skips the slowest part."""
+    h = hashlib.sha256(f"{backbone.weights_digest}|{size}|{precision}".encode())
+    h.update(np.ascontiguousarray(x_u8).tobytes())
+    path = cache_dir / f"{h.hexdigest()[:32]}.npy"
+    if path.is_file():
+        log.info("learning curve: %s from %s", desc, path)
+        return np.load(path)
+    feats = _features(backbone, x_u8, size, precision=precision, desc=desc)
+    with atomic_write(path) as f:
+        np.save(f, feats)
+    return feats
+
+
+# ------------------------------------------------------------------ methods
+
+
+@dataclass
+class Fit:
+    """What one method's run yields: test predictions and how training went."""
+
+    pred: np.ndarray  # (n_test,) predicted classes
+    train_acc: float | None
+    seconds: float
+    extra: dict
+
+
+@dataclass(frozen=True)
+class CurveData:
+    """Everything a method may train on for one (seed, N) point."""
+
+    n_classes: int
+    f_train: np.ndarray
+    y_train: np.ndarray
+    f_val: np.ndarray
+    y_val: np.ndarray
+    f_test: np.ndarray
+    images: Callable[[str], torch.Tensor]  # "train" | "val" | "test" -> (N, 3, S, S) in [0, 1]
+    seed: int
+    min_epoch_images: int
+    image_size: int
+
+
+def _fit_svm(params: Params, d: CurveData) -> Fit:
+    from transferlab.classifiers.svm import fit_svm
+
+    sp = params.svm
+    t = time.perf_counter()
+    fit = fit_svm(
+        d.f_train,
+        d.y_train,
+        C_grid=sp.C,
+        cv=sp.cv,
+        class_weight=sp.class_weight,
+        max_iter=sp.max_iter,
+        seed=d.seed,
+    )
+    train_acc = float((fit.pipeline.predict(d.f_train) == d.y_train).mean())
+    return Fit(
+        fit.pipeline.predict(d.f_test),
+        train_acc,
+        time.perf_counter() - t,
+        {"best_C": fit.best_C},
+    )
+
+
+def _fit_top(params: Params, d: CurveData) -> Fit:
+    from transferlab.classifiers.top import train_top
+    from transferlab.classifiers.training import predict
+
+    tp = params.top.model_copy(update={"seed": d.seed, "augment": False})
+    rep = repeat_to(len(d.y_train), d.min_epoch_images)
+    res = train_top(
+        n_classes=d.n_classes,
+        params=tp,
+        x_train=torch.from_numpy(d.f_train[rep]),
+        y_train=torch.from_numpy(d.y_train[rep]),
+        x_val=torch.from_numpy(d.f_val),
+        y_val=torch.from_numpy(d.y_val),
+    )
+    kept = res.history[res.best_epoch]
+    return Fit(
+        predict(res.head, torch.from_numpy(d.f_test)),
+        kept["train_acc"],
+        res.seconds,
+        {"best_epoch": res.best_epoch, "epochs_run": len(res.history), "val_acc": kept["val_acc"]},
+    )
+
+
+def _fit_full(params: Params, d: CurveData) -> Fit:
+    from transferlab.backbones import load_backbone
+    from transferlab.classifiers.full import train_full
+    from transferlab.classifiers.training import predict, spec_at_size
+
+    fp = params.full.model_copy(
+        update={"seed": d.seed, "resume": False, "image_size": d.image_size}
+    )
+    backbone = load_backbone(params.features.backbone, params.features.pretrained)
+    backbone.spec = spec_at_size(backbone.spec, d.image_size)
+    rep = torch.from_numpy(repeat_to(len(d.y_train), d.min_epoch_images))
+    res = train_full(
+        backbone=backbone,
+        n_classes=d.n_classes,
+        params=fp,
+        x_train=d.images("train")[rep],
+        y_train=torch.from_numpy(d.y_train)[rep],
+        x_val=d.images("val"),
+        y_val=torch.from_numpy(d.y_val),
+    )
+
+    def model(x: torch.Tensor) -> torch.Tensor:
+        return res.head(res.backbone.features(x))
+
+    kept = res.history[res.best_epoch]
+    return Fit(
+        predict(model, d.images("test"), batch_size=64, desc="full: test set"),
+        kept["train_acc"],
+        res.seconds,
+        {"best_epoch": res.best_epoch, "epochs_run": len(res.history), "val_acc": kept["val_acc"]},
+    )
+
+
+@dataclass(frozen=True)
+class Trainer:
+    """How a method trains on one point's arrays (the pipeline's stages read files instead;
+    this is the in-memory counterpart, under the same ``params.yaml`` section)."""
+
+    fit: Callable[[Params, CurveData], Fit]
+    trains_backbone: bool = False
+
+
+TRAINERS: dict[str, Trainer] = {
+    "svm": Trainer(_fit_svm),
+    "top": Trainer(_fit_top),
+    "full": Trainer(_fit_full, trains_backbone=True),
+}
+
+
+def _ns_for(lc: LearningCurveParams, method: str) -> tuple[int, ...]:
+    """The N grid of ``method``: those that train the backbone get the smaller one (CPU time)."""
+    return lc.backbone_n_per_class if TRAINERS[method].trains_backbone else lc.n_per_class
+
+
+def backbone_methods(lc: LearningCurveParams) -> list[str]:
+    return [m for m in lc.methods if m in TRAINERS and TRAINERS[m].trains_backbone]
+
+
+# ------------------------------------------------------------------ the run
 
 
 def run_learning_curve(
-    lc: LearningCurveParams,
-    *,
-    backbone_name: str,
-    pretrained: str,
-    svm: SvmParams,
-    top: TopParams,
-    full: FullParams,
-) -> list[dict]:
-    """Train every method on every (N per class, seed) subset; score on the shared test set.
+    params: Params, *, cache_dir: Path
+) -> tuple[list[dict], dict[tuple[str, int, int], np.ndarray]]:
+    """Train every method on every (seed, N) subset and score it on the shared test set.
 
     Returns:
-        One row per (method, n_per_class, seed): test_acc, train_acc, seconds, n_train.
+        rows: one per (method, n_per_class, seed): test_acc with its Wilson interval, train_acc,
+            seconds, n_train, best_epoch / epochs_run / val_acc where the method has them.
+        outcomes: (method, n_per_class, seed) -> (n_test,) bool, True where the run is right
+            (for the paired comparisons).
     """
     from transferlab.backbones import load_backbone
-    from transferlab.classifiers.full import train_full
-    from transferlab.classifiers.svm import fit_svm
-    from transferlab.classifiers.top import train_top
-    from transferlab.classifiers.training import accuracy, predict
 
+    lc = params.learning_curve
+    unknown = [m for m in lc.methods if m not in TRAINERS]
+    if unknown:
+        raise ValueError(
+            f"learning_curve.methods: {unknown} have no learning-curve trainer; "
+            f"allowed: {sorted(TRAINERS)}"
+        )
     x_all, y_all = load_fashion(lc.idx_dir, "train")
     x_t, y_t = load_fashion(lc.idx_dir, "t10k")
     rng = np.random.default_rng(12345)
     test_idx = per_class_indices(y_t, lc.test_per_class, rng)
-    # one pool: every seed's subset of size N is drawn from the same max(N) images per class
-    pool_idx = per_class_indices(y_all, max(lc.n_per_class), rng)
-    x_pool, y_pool = to_rgb(x_all[pool_idx], lc.image_size), y_all[pool_idx]
-    x_test, y_test = to_rgb(x_t[test_idx], lc.image_size), y_t[test_idx]
-    frozen = load_backbone(backbone_name, pretrained)
+    pool_idx = per_class_indices(y_all, lc.pool_per_class, rng)
+    x_pool, y_pool = x_all[pool_idx], y_all[pool_idx]
+    x_test_u8, y_test = x_t[test_idx], y_t[test_idx]
+    frozen = load_backbone(params.features.backbone, params.features.pretrained)
     t0 = time.perf_counter()
-    f_pool = _features(frozen, x_pool, desc="learning curve: pool features")
-    f_test = _features(frozen, x_test, desc="learning curve: test features")
-    log.info(
-        "learning curve: features for %d images in %.1f s",
-        len(x_pool) + len(x_test),
-        time.perf_counter() - t0,
-    )
+    feats = {
+        "pool": cached_features(
+            frozen,
+            x_pool,
+            size=lc.image_size,
+            precision=lc.precision,
+            cache_dir=cache_dir,
+            desc="learning curve: pool features",
+        ),
+        "test": cached_features(
+            frozen,
+            x_test_u8,
+            size=lc.image_size,
+            precision=lc.precision,
+            cache_dir=cache_dir,
+            desc="learning curve: test features",
+        ),
+    }
+    log.info("learning curve: features ready in %.1f s", time.perf_counter() - t0)
+    x_test = to_rgb(x_test_u8, lc.image_size)
+    all_ns = tuple(sorted({n for m in lc.methods for n in _ns_for(lc, m)}))
+    points = [(seed, n) for seed in lc.seeds for n in all_ns]
     rows: list[dict] = []
-    n_classes = len(FASHION_CLASSES)
-    points = [(seed, n) for seed in lc.seeds for n in lc.n_per_class]
+    outcomes: dict[tuple[str, int, int], np.ndarray] = {}
+    n_test = len(y_test)
     # updated by hand, so the count and the last point's accuracies show together
     bar = progress(desc="learning curve", unit="point", total=len(points), leave=True)
-    for seed, n in points:
-        bar.set_description(f"learning curve: N={n}/class, seed {seed}", refresh=False)
-        sub = per_class_indices(y_pool, n, np.random.default_rng(1000 * seed + n))
-        ytr = y_pool[sub]
-        base = {"n_per_class": n, "seed": seed, "n_train": int(len(sub))}
+    for seed in lc.seeds:
+        split = seed_split(y_pool, all_ns, lc.val_per_class, seed)
+        for n in all_ns:
+            bar.set_description(f"learning curve: N={n}/class, seed {seed}", refresh=False)
+            sub = split.train[n]
+            parts = {"train": sub, "val": split.val}
 
-        t = time.perf_counter()
-        fit = fit_svm(
-            f_pool[sub],
-            ytr,
-            C_grid=svm.C,
-            cv=svm.cv,
-            class_weight=svm.class_weight,
-            max_iter=svm.max_iter,
-            seed=seed,
-        )
-        rows.append(
-            {
-                **base,
-                "method": "svm",
-                "seconds": time.perf_counter() - t,
-                "train_acc": accuracy(fit.pipeline.predict(f_pool[sub]), ytr),
-                "test_acc": accuracy(fit.pipeline.predict(f_test), y_test),
-            }
-        )
+            def images(part: str, parts=parts) -> torch.Tensor:
+                return x_test if part == "test" else to_rgb(x_pool[parts[part]], lc.image_size)
 
-        tp = top.model_copy(update={"epochs": lc.top_epochs, "seed": seed, "augment": False})
-        res = train_top(
-            n_classes=n_classes,
-            params=tp,
-            x_train=torch.from_numpy(f_pool[sub]),
-            y_train=torch.from_numpy(ytr),
-        )
-        ft = torch.from_numpy(f_test)
-        rows.append(
-            {
-                **base,
-                "method": "top",
-                "seconds": res.seconds,
-                "train_acc": res.history[-1]["train_acc"],
-                "test_acc": accuracy(predict(res.head, ft), y_test),
-            }
-        )
-
-        steps = math.ceil(len(sub) / lc.full_batch_size)
-        epochs = max(lc.full_epochs, math.ceil(lc.full_min_steps / steps))
-        fp = full.model_copy(
-            update={
-                "epochs": epochs,
-                "batch_size": lc.full_batch_size,
-                "seed": seed,
-                "resume": False,
-                "image_size": lc.image_size,
-            }
-        )
-        bb = load_backbone(backbone_name, pretrained)
-        r = train_full(
-            backbone=bb,
-            n_classes=n_classes,
-            params=fp,
-            x_train=x_pool[sub],
-            y_train=torch.from_numpy(ytr),
-        )
-
-        def model(x, bb=bb, head=r.head):
-            return head(bb.features(x))
-
-        rows.append(
-            {
-                **base,
-                "method": "full",
-                "seconds": r.seconds,
-                "train_acc": r.history[-1]["train_acc"],
-                "test_acc": accuracy(predict(model, x_test, batch_size=128), y_test),
-                "epochs": epochs,
-            }
-        )
-        last = {r_["method"]: round(r_["test_acc"], 3) for r_ in rows[-3:]}
-        bar.set_postfix(last, refresh=False)
-        bar.update()
-        log.info("N=%d seed=%d: %s", n, seed, last)
+            data = CurveData(
+                n_classes=len(FASHION_CLASSES),
+                f_train=feats["pool"][sub],
+                y_train=y_pool[sub],
+                f_val=feats["pool"][split.val],
+                y_val=y_pool[split.val],
+                f_test=feats["test"],
+                images=images,
+                seed=seed,
+                min_epoch_images=lc.min_epoch_images,
+                image_size=lc.image_size,
+            )
+            last = {}
+            for method in lc.methods:
+                if n not in _ns_for(lc, method):
+                    continue
+                fit = TRAINERS[method].fit(params, data)
+                correct = fit.pred == y_test
+                k = int(correct.sum())
+                lo, hi = wilson(k, n_test)
+                outcomes[(method, n, seed)] = correct
+                rows.append(
+                    {
+                        "method": method,
+                        "n_per_class": n,
+                        "seed": seed,
+                        "n_train": int(len(sub)),
+                        "n_test": n_test,
+                        "test_acc": k / n_test,
+                        "test_acc_ci_low": lo,
+                        "test_acc_ci_high": hi,
+                        "train_acc": fit.train_acc,
+                        "seconds": fit.seconds,
+                        **fit.extra,
+                    }
+                )
+                last[method] = round(k / n_test, 3)
+            bar.set_postfix(last, refresh=False)
+            bar.update()
+            log.info("N=%d seed=%d: %s", n, seed, last)
     bar.close()
-    return rows
+    return rows, outcomes
 
 
-def summarise(rows: list[dict]) -> list[dict]:
-    """Mean and std of test accuracy per (method, N), and which method wins at each N."""
+# ------------------------------------------------------------------ summary
+
+
+def summarise(
+    rows: list[dict], outcomes: dict[tuple[str, int, int], np.ndarray] | None = None
+) -> list[dict]:
+    """Per N: each method's mean over seeds with its interval (seeds + test sampling, ddof=1),
+    the method with the highest mean, and each pair's paired difference.
+
+    Returns:
+        One dict per N: ``n_per_class``, ``<m>_mean``/``_ci_low``/``_ci_high``/``_seeds``/
+        ``_seconds`` per method run there, ``best``, and ``pairs``: a list of
+        {"a", "b", "diff", "ci_low", "ci_high", "verdict"} (verdict relative to ``a``).
+    """
+    methods = list(dict.fromkeys(r["method"] for r in rows))
     out = []
     for n in sorted({r["n_per_class"] for r in rows}):
-        row: dict = {"n_per_class": n}
-        for m in METHODS:
-            acc = [r["test_acc"] for r in rows if r["n_per_class"] == n and r["method"] == m]
-            secs = [r["seconds"] for r in rows if r["n_per_class"] == n and r["method"] == m]
-            if acc:
-                row[f"{m}_mean"] = float(np.mean(acc))
-                row[f"{m}_std"] = float(np.std(acc))
-                row[f"{m}_seconds"] = float(np.mean(secs))
-        row["best"] = max(
-            (m for m in METHODS if f"{m}_mean" in row), key=lambda m: row[f"{m}_mean"]
-        )
+        row: dict = {"n_per_class": n, "pairs": []}
+        here = []
+        for m in methods:
+            mine = [r for r in rows if r["n_per_class"] == n and r["method"] == m]
+            if not mine:
+                continue
+            here.append(m)
+            mean, lo, hi = seed_mean_interval([r["test_acc"] for r in mine], mine[0]["n_test"])
+            row.update(
+                {
+                    f"{m}_mean": mean,
+                    f"{m}_ci_low": lo,
+                    f"{m}_ci_high": hi,
+                    f"{m}_seeds": len(mine),
+                    f"{m}_seconds": float(np.mean([r["seconds"] for r in mine])),
+                }
+            )
+        row["best"] = max(here, key=lambda m: row[f"{m}_mean"])
+        if outcomes is not None:
+            for i, a in enumerate(here):
+                for b in here[i + 1 :]:
+                    seeds = sorted(
+                        {s for (m, nn, s) in outcomes if m == a and nn == n}
+                        & {s for (m, nn, s) in outcomes if m == b and nn == n}
+                    )
+                    if not seeds:
+                        continue
+                    d, lo, hi = paired_seed_difference(
+                        [outcomes[(a, n, s)] for s in seeds], [outcomes[(b, n, s)] for s in seeds]
+                    )
+                    verdict = TIE if lo <= 0 <= hi else ("win" if d > 0 else "loss")
+                    row["pairs"].append(
+                        {"a": a, "b": b, "diff": d, "ci_low": lo, "ci_high": hi, "verdict": verdict}
+                    )
         out.append(row)
     return out
 
 
-def _atomic_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+def regime(n_per_class: int) -> str:
+    return next(name for upper, name in REGIMES if n_per_class < upper)
+
+
+def _beats(row: dict, a: str, b: str) -> str:
+    """ "win" / "loss" / "tie" of ``a`` against ``b`` at this N (paired when available)."""
+    for p in row["pairs"]:
+        if (p["a"], p["b"]) == (a, b):
+            return p["verdict"]
+        if (p["a"], p["b"]) == (b, a):
+            return {"win": "loss", "loss": "win"}.get(p["verdict"], TIE)
+    # no outcomes: interval overlap
+    if row[f"{a}_ci_low"] > row[f"{b}_ci_high"]:
+        return "win"
+    if row[f"{a}_ci_high"] < row[f"{b}_ci_low"]:
+        return "loss"
+    return TIE
+
+
+def lecture_verdicts(summary: list[dict], order: tuple[str, ...]) -> list[dict]:
+    """Does the lecture's ordering hold at each N?
+
+    ``order`` names the methods from the few-images winner to the many-images winner (one per
+    regime of ``REGIMES``). At each N the regime's expected winner "holds" if it is
+    significantly better than every other method run there, "holds (tie)" if no method is
+    significantly better than it but some tie, and "does not hold" if one beats it.
+    """
+    out = []
+    for row in summary:
+        band = regime(row["n_per_class"])
+        idx = [name for _, name in REGIMES].index(band)
+        expected = order[min(idx, len(order) - 1)]
+        others = [m for m in order if m != expected and f"{m}_mean" in row]
+        if f"{expected}_mean" not in row:
+            out.append(
+                {
+                    "n_per_class": row["n_per_class"],
+                    "regime": band,
+                    "expected": expected,
+                    "verdict": "not measured",
+                    "detail": f"{expected} was not run at this N",
+                }
+            )
+            continue
+        vs = {m: _beats(row, expected, m) for m in others}
+        if any(v == "loss" for v in vs.values()):
+            verdict = "does not hold"
+        elif vs and all(v == "win" for v in vs.values()):
+            verdict = "holds"
+        else:
+            verdict = "holds (tie)" if vs else "only method run"
+        detail = ", ".join(f"{v} vs {m}" for m, v in vs.items())
+        out.append(
+            {
+                "n_per_class": row["n_per_class"],
+                "regime": band,
+                "expected": expected,
+                "verdict": verdict,
+                "detail": detail,
+            }
+        )
+    return out
+
+
+def _cell(row: dict, m: str) -> str:
+    if f"{m}_mean" not in row:
+        return "-"
+    return f"{row[f'{m}_mean']:.3f} [{row[f'{m}_ci_low']:.3f}, {row[f'{m}_ci_high']:.3f}]"
 
 
 def markdown_table(summary: list[dict]) -> str:
+    """Mean test accuracy over seeds and its 95% interval per method and N, and the best."""
+    methods = list(
+        dict.fromkeys(k[: -len("_mean")] for r in summary for k in r if k.endswith("_mean"))
+    )
     lines = [
-        "| N per class | svm | top | full | best |",
-        "|---:|---:|---:|---:|:---|",
+        "| N per class | " + " | ".join(methods) + " | best |",
+        "|---:|" + "---:|" * len(methods) + ":---|",
     ]
     for r in summary:
-        cells = [
-            f"{r[f'{m}_mean']:.3f} ± {r[f'{m}_std']:.3f}" if f"{m}_mean" in r else "-"
-            for m in METHODS
-        ]
+        cells = [_cell(r, m) for m in methods]
         lines.append(f"| {r['n_per_class']} | " + " | ".join(cells) + f" | {r['best']} |")
     return "\n".join(lines) + "\n"
 
 
+def pairs_table(summary: list[dict]) -> str:
+    """Paired differences (A - B, same test images) with their 95% intervals."""
+    lines = ["| N per class | A - B | difference [95% CI] | verdict |", "|---:|:---|---:|:---|"]
+    for r in summary:
+        for p in r["pairs"]:
+            said = {"win": f"{p['a']} better", "loss": f"{p['b']} better"}.get(p["verdict"], TIE)
+            lines.append(
+                f"| {r['n_per_class']} | {p['a']} - {p['b']} | {p['diff']:+.3f} "
+                f"[{p['ci_low']:+.3f}, {p['ci_high']:+.3f}] | {said} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def verdicts_table(verdicts: list[dict]) -> str:
+    lines = ["| N per class | regime | lecture's pick | verdict | against the others |"]
+    lines.append("|---:|:---|:---|:---|:---|")
+    for v in verdicts:
+        lines.append(
+            f"| {v['n_per_class']} | {v['regime']} | {v['expected']} | {v['verdict']} | "
+            f"{v['detail']} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def plot_curve(summary: list[dict], out: Path, *, title: str) -> Path:
-    """Test accuracy against N per class (log x), mean ± std over seeds, one line per method."""
+    """Test accuracy against N per class (log x): mean over seeds with its 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.5, 4.2), dpi=120)
-    for m in METHODS:
+    methods = list(
+        dict.fromkeys(k[: -len("_mean")] for r in summary for k in r if k.endswith("_mean"))
+    )
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for m in methods:
         pts = [r for r in summary if f"{m}_mean" in r]
+        mean = np.array([r[f"{m}_mean"] for r in pts])
         ax.errorbar(
             [r["n_per_class"] for r in pts],
-            [r[f"{m}_mean"] for r in pts],
-            yerr=[r[f"{m}_std"] for r in pts],
+            mean,
+            yerr=[
+                mean - np.array([r[f"{m}_ci_low"] for r in pts]),
+                np.array([r[f"{m}_ci_high"] for r in pts]) - mean,
+            ],
             marker="o",
             capsize=3,
             label=m,
         )
     ax.set_xscale("log")
     ax.set_xlabel("training images per class (log scale)")
-    ax.set_ylabel("test accuracy")
+    ax.set_ylabel("test accuracy (95% interval: seeds + test sampling)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(loc="lower right")
     fig.tight_layout()
     return save_figure(fig, out)
 
 
-def write_outputs(rows: list[dict], lc: LearningCurveParams, root: Path, command: str) -> dict:
-    """``runs.csv`` (every run), ``summary.md`` (the table + the command), ``curve.png``."""
+def _write_text(path: Path, text: str) -> None:
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
+def write_outputs(
+    rows: list[dict],
+    outcomes: dict[tuple[str, int, int], np.ndarray] | None,
+    lc: LearningCurveParams,
+    root: Path,
+    command: str,
+    *,
+    seconds: float | None = None,
+    settings: str = "",
+) -> dict:
+    """``runs.csv`` (every run), ``outcomes.npz`` (every run's per-image outcomes, for other
+    comparisons), ``summary.md`` (tables, verdicts, the command, ``settings``), ``curve.png``."""
     import csv
     import io
 
     out = root / lc.out_dir
-    summary = summarise(rows)
+    summary = summarise(rows, outcomes)
+    verdicts = lecture_verdicts(summary, lc.methods)
     buf = io.StringIO()
-    keys = sorted({k for r in rows for k in r})
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    _atomic_text(out / "runs.csv", buf.getvalue())
+    _write_text(out / "runs.csv", buf.getvalue())
+    if outcomes:
+        with atomic_write(out / "outcomes.npz") as f:
+            np.savez_compressed(f, **{f"{m}_n{n}_seed{s}": v for (m, n, s), v in outcomes.items()})
+    n_test = rows[0]["n_test"] if rows else 0
+    full_ns = ", ".join(str(n) for n in lc.backbone_n_per_class)
+    timing = f" The whole run took {seconds / 60:.1f} min on this machine." if seconds else ""
     md = (
-        "# Learning curve: svm vs top vs full (Fashion-MNIST)\n\n"
+        "# Learning curve: which adaptation wins at which training-set size (Fashion-MNIST)\n\n"
         f"Reproduce with:\n\n```\n{command}\n```\n\n"
-        f"Images upscaled to {lc.image_size} px, seeds {list(lc.seeds)}, "
-        f"{lc.test_per_class} test images per class (t10k), mean ± std of test accuracy.\n\n"
+        f"Images upscaled from 28 to {lc.image_size} px; {n_test} test images ({lc.test_per_class}"
+        f" per class, t10k), scored by every run; seeds {list(lc.seeds)}, each drawing its own "
+        f"nested training subsets and a {lc.val_per_class}-per-class validation set (early "
+        f"stopping) from a {lc.pool_per_class}-per-class pool. Cells: mean test accuracy over "
+        "the seeds [95% interval combining the seed spread (ddof=1) and the test-set sampling]."
+        f" Methods that train the backbone ({', '.join(backbone_methods(lc))}) ran at N = "
+        f"{full_ns} per class: the largest this 2-core CPU trains to convergence within the "
+        f"run's budget.{timing}\n\n"
+        + (f"Method settings (their `params.yaml` sections): {settings}\n\n" if settings else "")
         + markdown_table(summary)
+        + "\n## Does the lecture's ordering hold?\n\n"
+        + f"The lecture: {lc.methods[0]} with a few images per class, "
+        + (f"{lc.methods[1]} in between, " if len(lc.methods) > 2 else "")
+        + f"{lc.methods[-1]} with many. At each N, the pick of its regime against every other "
+        "method (paired difference on the same test images, averaged over seeds, 95% interval):"
+        "\n\n"
+        + verdicts_table(verdicts)
+        + "\n## Paired differences\n\n"
+        + pairs_table(summary)
+        + "\n`runs.csv` has every single run (with each run's own Wilson interval over the test "
+        "images, its best epoch and training time).\n"
     )
-    _atomic_text(out / "summary.md", md)
+    _write_text(out / "summary.md", md)
     png = plot_curve(
         summary,
         out / "curve.png",
-        title=f"Fashion-MNIST at {lc.image_size} px, {len(lc.seeds)} seeds",
+        title=f"Fashion-MNIST at {lc.image_size} px, {len(lc.seeds)} seeds, {n_test} test images",
     )
     return {
         "summary": summary,
+        "verdicts": verdicts,
         "csv": str(out / "runs.csv"),
         "plot": str(png),
         "table": str(out / "summary.md"),
@@ -316,6 +690,21 @@ def write_outputs(rows: list[dict], lc: LearningCurveParams, root: Path, command
 
 
 COMMAND = "transferlab experiment learning-curve --params params.yaml"
+
+
+def method_settings(params: Params) -> str:
+    """One line per method of the settings a reader needs to judge the budget it got."""
+    lc = params.learning_curve
+    keys = ("C", "cv", "epochs", "patience", "batch_size", "lr", "backbone_lr_ratio", "augment")
+    parts = []
+    for m in lc.methods:
+        section = getattr(params, m, None)
+        if section is None:
+            continue
+        dumped = section.model_dump()
+        parts.append(f"`{m}`: " + ", ".join(f"{k}={dumped[k]}" for k in keys if k in dumped))
+    parts.append(f"an epoch is at least {lc.min_epoch_images} images (tiny sets repeated)")
+    return "; ".join(parts) + "."
 
 
 def learning_curve_experiment(
@@ -327,15 +716,13 @@ def learning_curve_experiment(
 
     lc = params.learning_curve
     start = time.perf_counter()
-    rows = run_learning_curve(
-        lc,
-        backbone_name=params.features.backbone,
-        pretrained=params.features.pretrained,
-        svm=params.svm,
-        top=params.top,
-        full=params.full,
+    rows, outcomes = run_learning_curve(
+        params, cache_dir=root / params.features.cache_dir / "learning_curve"
     )
-    out = write_outputs(rows, lc, root, COMMAND)
+    seconds = time.perf_counter() - start
+    out = write_outputs(
+        rows, outcomes, lc, root, COMMAND, seconds=seconds, settings=method_settings(params)
+    )
     ids = log_learning_curve(
         params,
         root,

@@ -24,8 +24,9 @@ def log_learning_curve(
 ) -> dict[str, str]:
     """One parent run ``learning-curve`` with a nested run per method.
 
-    Each nested run holds ``test_acc_mean``/``test_acc_std`` as series over N per class
-    (step = N) and every single run's accuracy as ``test_acc_seed<k>``.
+    Each nested run holds ``test_acc_mean`` and its 95% interval (``test_acc_ci_low``,
+    ``test_acc_ci_high``: seeds + test sampling) as series over N per class (step = N), and
+    every single run's accuracy as ``test_acc_seed<k>``.
     """
     import mlflow
 
@@ -40,12 +41,8 @@ def log_learning_curve(
         mlflow.log_params({f"learning_curve.{k}": str(v) for k, v in lc.items()})
         for path in artifacts:
             mlflow.log_artifact(str(path))
-        from transferlab.methods import METHODS
-
-        for method in METHODS:
+        for method in dict.fromkeys(r["method"] for r in rows):
             mine = [r for r in rows if r["method"] == method]
-            if not mine:
-                continue
             with mlflow.start_run(
                 experiment_id=exp_id,
                 run_name=f"learning-curve-{method}",
@@ -64,7 +61,10 @@ def log_learning_curve(
                     if f"{method}_mean" in s:
                         n = s["n_per_class"]
                         series.setdefault("test_acc_mean", []).append((n, s[f"{method}_mean"]))
-                        series.setdefault("test_acc_std", []).append((n, s[f"{method}_std"]))
+                        for end in ("ci_low", "ci_high"):
+                            series.setdefault(f"test_acc_{end}", []).append(
+                                (n, s[f"{method}_{end}"])
+                            )
                         series.setdefault("train_seconds_mean", []).append(
                             (n, s[f"{method}_seconds"])
                         )

@@ -8,9 +8,13 @@ import pytest
 
 from tests.conftest import REPO, tiny_params, write_workspace
 from transferlab.experiments.learning_curve import (
+    lecture_verdicts,
     markdown_table,
+    pairs_table,
     per_class_indices,
     read_idx,
+    repeat_to,
+    seed_split,
     summarise,
 )
 
@@ -44,29 +48,77 @@ def test_read_idx_round_trips_and_rejects_other_files(tmp_path):
         read_idx(tmp_path / "b")
 
 
-def test_subsets_are_per_class_and_nested_in_the_pool():
+def test_per_class_indices_are_per_class_and_capped():
     y = np.repeat(np.arange(4), 10)
     idx = per_class_indices(y, 3, np.random.default_rng(0))
     assert np.bincount(y[idx]).tolist() == [3, 3, 3, 3]
     assert len(per_class_indices(y, 50, np.random.default_rng(0))) == 40  # capped by the class
 
 
-def test_summary_has_mean_std_and_the_winner():
-    rows = [
-        {"method": m, "n_per_class": n, "seed": s, "test_acc": acc, "seconds": 1.0}
-        for m, n, s, acc in [
-            ("svm", 1, 0, 0.5),
-            ("svm", 1, 1, 0.7),
-            ("top", 1, 0, 0.4),
-            ("top", 1, 1, 0.4),
-            ("full", 1, 0, 0.1),
-            ("full", 1, 1, 0.3),
-        ]
-    ]
-    (s,) = summarise(rows)
-    assert s["svm_mean"] == pytest.approx(0.6) and s["svm_std"] == pytest.approx(0.1)
+def test_subsets_are_nested_disjoint_from_val_and_differ_between_seeds_at_the_largest_n():
+    y = np.repeat(np.arange(3), 30)
+    ns = (1, 5, 20)
+    a, b = seed_split(y, ns, 4, seed=0), seed_split(y, ns, 4, seed=1)
+    for split in (a, b):
+        assert np.bincount(y[split.val]).tolist() == [4, 4, 4]
+        for small, big in zip(ns, ns[1:], strict=False):
+            assert set(split.train[small]) <= set(split.train[big])
+        assert not set(split.train[20]) & set(split.val)
+        assert np.bincount(y[split.train[20]]).tolist() == [20, 20, 20]
+    # the pool (30/class) is larger than val + max N (24): the largest subsets differ
+    assert set(a.train[20]) != set(b.train[20])
+    with pytest.raises(ValueError, match="pool_per_class"):
+        seed_split(y, (27,), 4, seed=0)
+
+
+def test_tiny_training_sets_are_repeated_to_an_epoch():
+    assert len(repeat_to(10, 128)) == 130 and set(repeat_to(10, 128)) == set(range(10))
+    assert len(repeat_to(500, 128)) == 500
+
+
+def _rows_and_outcomes(accs: dict[str, list[float]], n_test: int = 1000):
+    """Runs at N=1 with per-seed accuracies; outcomes with exactly that many right images."""
+    rows, outcomes = [], {}
+    for m, per_seed in accs.items():
+        for s, acc in enumerate(per_seed):
+            k = round(acc * n_test)
+            rows.append(
+                {"method": m, "n_per_class": 1, "seed": s, "n_test": n_test, "test_acc": k / n_test}
+                | {"seconds": 1.0}
+            )
+            outcomes[(m, 1, s)] = np.arange(n_test) < k
+    return rows, outcomes
+
+
+def test_summary_has_intervals_with_ddof1_and_the_winner():
+    rows, outcomes = _rows_and_outcomes(
+        {"svm": [0.5, 0.7], "top": [0.4, 0.4], "full": [0.1, 0.3]}, n_test=100
+    )
+    (s,) = summarise(rows, outcomes)
+    assert s["svm_mean"] == pytest.approx(0.6)
+    half = 1.96 * (0.6 * 0.4 / 100 + np.var([0.5, 0.7], ddof=1) / 2) ** 0.5
+    assert s["svm_ci_high"] - 0.6 == pytest.approx(half, rel=1e-3)
+    # identical seeds still get the binomial width of the test set, never a zero-width bar
+    assert s["top_ci_high"] > s["top_ci_low"]
     assert s["best"] == "svm"
-    assert "| 1 | 0.600 ± 0.100 |" in markdown_table([s])
+    assert "| 1 | 0.600 [" in markdown_table([s])
+    pairs = {(p["a"], p["b"]): p["verdict"] for p in s["pairs"]}
+    assert pairs[("svm", "full")] == "win"
+    assert "svm - full" in pairs_table([s])
+
+
+def test_lecture_verdicts_say_where_the_ordering_holds_and_where_not():
+    rows, outcomes = _rows_and_outcomes(
+        {"svm": [0.8, 0.8, 0.8], "top": [0.8, 0.8, 0.8], "full": [0.5, 0.5, 0.5]}
+    )
+    (v,) = lecture_verdicts(summarise(rows, outcomes), ("svm", "top", "full"))
+    assert v["expected"] == "svm" and v["verdict"] == "holds (tie)"
+    rows, outcomes = _rows_and_outcomes({"svm": [0.5] * 3, "top": [0.8] * 3, "full": [0.4] * 3})
+    (v,) = lecture_verdicts(summarise(rows, outcomes), ("svm", "top", "full"))
+    assert v["verdict"] == "does not hold" and "loss vs top" in v["detail"]
+    rows, outcomes = _rows_and_outcomes({"svm": [0.9] * 3, "top": [0.8] * 3})
+    (v,) = lecture_verdicts(summarise(rows, outcomes), ("svm", "top", "full"))
+    assert v["verdict"] == "holds"
 
 
 @pytest.mark.slow
@@ -79,12 +131,13 @@ def test_cli_runs_all_three_methods_and_logs_to_mlflow(tmp_path, tiny_dataset):
         learning_curve={
             "idx_dir": str(idx),
             "n_per_class": [1, 3],
-            "seeds": [0],
+            "backbone_n_per_class": [1],
+            "seeds": [0, 1],
             "test_per_class": 2,
+            "val_per_class": 1,
+            "pool_per_class": 5,
             "image_size": 32,
-            "top_epochs": 5,
-            "full_epochs": 1,
-            "full_min_steps": 1,
+            "min_epoch_images": 8,
             "out_dir": "lc",
         },
     )
@@ -99,10 +152,11 @@ def test_cli_runs_all_three_methods_and_logs_to_mlflow(tmp_path, tiny_dataset):
     )
     assert out.returncode == 0, out.stderr
     lines = (ws / "lc/runs.csv").read_text().splitlines()
-    assert len(lines) == 1 + 3 * 2  # methods x N
+    assert len(lines) == 1 + 2 * (2 + 2 + 1)  # seeds x (svm, top at N=1,3; full at N=1)
     assert (ws / "lc/curve.png").stat().st_size > 5000
     table = (ws / "lc/summary.md").read_text()
     assert "transferlab experiment learning-curve" in table and "| 3 |" in table
+    assert "Does the lecture's ordering hold?" in table
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns.db'}")
     exp = client.get_experiment_by_name("tiny")
     runs = client.search_runs([exp.experiment_id])
@@ -115,3 +169,4 @@ def test_cli_runs_all_three_methods_and_logs_to_mlflow(tmp_path, tiny_dataset):
     top = next(r for r in runs if r.info.run_name == "learning-curve-top")
     hist = client.get_metric_history(top.info.run_id, "test_acc_mean")
     assert sorted(m.step for m in hist) == [1, 3]
+    assert len(client.get_metric_history(top.info.run_id, "test_acc_ci_low")) == 2
