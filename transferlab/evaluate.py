@@ -14,11 +14,16 @@ from torch import Tensor, nn
 from transferlab.atomic import atomic_write
 from transferlab.attacks import BLACKBOX_ATTACKS, Attack, AttackResult, make_attack, sweep
 from transferlab.progress import progress
+from transferlab.stats import wilson
 
 log = logging.getLogger(__name__)
 
 # Bump when a shard record's meaning changes, so stale work folders are not reused.
 SHARD_VERSION = 1
+# The row key of the per-image outcomes (1 = right before and after the attack); a list, so
+# it goes to metrics/attack.json's "outcomes", not into the CSV.
+OUTCOMES = "robust_outcomes"
+CLEAN_OUTCOMES = "clean_outcomes"
 
 
 def predict(model: nn.Module, x01: Tensor, *, batch_size: int = 32) -> Tensor:
@@ -63,10 +68,11 @@ def robustness_sweep(
 
     Returns:
         One row per (attack, eps): clean and robust accuracy (right before and after the
-        attack, RobustBench's convention), success rate on the images the model got right,
-        mean/median L-inf and L2 of the perturbation, queries (mean/median per image), gradient
-        batches, seconds, and ``model_unchanged`` (eval mode and every buffer, BatchNorm
-        statistics included, bit-identical after the attack).
+        attack, RobustBench's convention) with their 95% Wilson intervals (``*_ci_low``,
+        ``*_ci_high``) and the per-image outcomes (``OUTCOMES``), success rate on the images
+        the model got right, mean/median L-inf and L2 of the perturbation, queries
+        (mean/median per image), gradient batches, seconds, and ``model_unchanged`` (eval mode
+        and every buffer, BatchNorm statistics included, bit-identical after the attack).
     """
     options = options or {}
     before = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -189,8 +195,11 @@ def _row(
     linf, l2, q = cat("linf"), cat("l2"), cat("queries")
     # an image counts as robust only if it is right before and after the attack
     # (RobustBench's convention), so robust accuracy can never exceed clean accuracy
-    robust = (correct & (pred_adv == y)).float()
+    robust_mask = correct & (pred_adv == y)
+    robust = robust_mask.float()
     flipped = correct & (pred_adv != y)
+    clean_lo, clean_hi = wilson(int(correct.sum()), len(y))
+    robust_lo, robust_hi = wilson(int(robust_mask.sum()), len(y))
     return {
         "attack": name,
         "family": "blackbox" if name in BLACKBOX_ATTACKS else "whitebox",
@@ -199,6 +208,10 @@ def _row(
         "n": len(y),
         "clean_acc": clean_acc,
         "robust_acc": float(robust.mean()) if len(y) else 0.0,
+        "clean_acc_ci_low": clean_lo,
+        "clean_acc_ci_high": clean_hi,
+        "robust_acc_ci_low": robust_lo,
+        "robust_acc_ci_high": robust_hi,
         "success_rate": float(flipped.sum() / correct.sum()) if correct.any() else 0.0,
         "target_rate": float(cat("success", torch.bool).float().mean()) if targeted else None,
         "linf_mean": _stats(linf)[0],
@@ -210,7 +223,46 @@ def _row(
         "gradient_batches": sum(s["gradients"] for s in shards),
         "seconds": sum(s["seconds"] for s in shards),
         "max_linf": float(linf.max()) if len(linf) else 0.0,
+        # per image, right before and after the attack: for paired tests between models
+        OUTCOMES: robust_mask.int().tolist(),
+        CLEAN_OUTCOMES: correct.int().tolist(),
     }
+
+
+def eps_key(eps: float) -> str:
+    """The key of one eps in ``metrics/attack.json``: ``eps_4/255``."""
+    return f"eps_{eps * 255:g}/255"
+
+
+def scalar_fields(row: dict) -> dict:
+    """A sweep row without its per-image lists (what the CSV and MLflow take)."""
+    return {k: v for k, v in row.items() if k not in (OUTCOMES, CLEAN_OUTCOMES)}
+
+
+def attack_evidence(rows: list[dict]) -> tuple[dict, dict]:
+    """Per model, the intervals and per-image outcomes of ``metrics/attack.json``.
+
+    Args:
+        rows: sweep rows with a ``model`` key.
+
+    Returns:
+        intervals: model -> {"clean_acc": [low, high], attack -> {eps_key: [low, high]}};
+        outcomes: model -> {"clean": [0/1 per image], attack -> {eps_key: [0/1 per image]}},
+        every model's images in the same (``data/split.csv``) order, so two models can be
+        compared image by image (``transferlab.stats.mcnemar``).
+    """
+    intervals: dict[str, dict] = {}
+    outcomes: dict[str, dict] = {}
+    for r in rows:
+        m = r["model"]
+        iv = intervals.setdefault(m, {"clean_acc": [r["clean_acc_ci_low"], r["clean_acc_ci_high"]]})
+        iv.setdefault(r["attack"], {})[eps_key(r["eps"])] = [
+            r["robust_acc_ci_low"],
+            r["robust_acc_ci_high"],
+        ]
+        oc = outcomes.setdefault(m, {"clean": r[CLEAN_OUTCOMES]})
+        oc.setdefault(r["attack"], {})[eps_key(r["eps"])] = r[OUTCOMES]
+    return intervals, outcomes
 
 
 # Iterative white-box attacks: with more budget they must not do worse (up to their randomness).

@@ -178,7 +178,7 @@ def attack(params: Params, root: Path) -> dict:
 
     Finished shards in ``attack.work_dir`` are reused, so a killed run resumes.
     """
-    from transferlab.evaluate import sanity_flags
+    from transferlab.evaluate import attack_evidence, sanity_flags, scalar_fields
     from transferlab.report import plot_adversarial_grid, plot_transfer_matrix
     from transferlab.robustness import grid_examples, sweep_model, transfer
 
@@ -210,6 +210,8 @@ def attack(params: Params, root: Path) -> dict:
         }
         for m in ap.models
     }
+    intervals, outcomes = attack_evidence(rows)
+    rows = [scalar_fields(r) for r in rows]
     # `series` colours one line per model/attack in `dvc plots show` (dvc_plots/robustness.json)
     write_csv(
         root / ROBUSTNESS_CSV,
@@ -227,7 +229,16 @@ def attack(params: Params, root: Path) -> dict:
         grid_examples(params, root, ap.models[0], preferred[0], ap.report_eps),
         root / ADVERSARIAL_PNG,
     )
-    write_json(root / ATTACK_METRICS, {"summary": summary, "sanity": flags, "precision": checks})
+    write_json(
+        root / ATTACK_METRICS,
+        {
+            "summary": summary,
+            "intervals": intervals,
+            "outcomes": outcomes,
+            "sanity": flags,
+            "precision": checks,
+        },
+    )
     return {
         "rows": len(rows),
         "transfer_pairs": len(t_rows),
@@ -240,9 +251,11 @@ def _read_robustness(root: Path) -> list[dict]:
     with open(root / ROBUSTNESS_CSV, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
     numeric = ("eps", "robust_acc", "clean_acc", "success_rate", "linf_mean", "l2_mean", "seconds")
+    numeric += ("clean_acc_ci_low", "clean_acc_ci_high", "robust_acc_ci_low", "robust_acc_ci_high")
     for r in rows:
         for k in numeric:
-            r[k] = float(r[k])
+            if k in r:  # a CSV from before the intervals lacks the *_ci_* columns
+                r[k] = float(r[k])
     return rows
 
 
@@ -364,9 +377,17 @@ def attack_registered(params: Params, root: Path, *, model: str) -> dict:
     clf, mv = load_registered_model(params, root, model)
     x, y = load_test_images(params, root, list(clf.classes))
     rows = robustness_sweep(clf, x, y, attacks=ap.attacks, eps=ap.eps, batch_size=ap.batch_size)
-    metrics = {"clean_acc": rows[0]["clean_acc"], "n_images": float(len(y))}
+    metrics = {
+        "clean_acc": rows[0]["clean_acc"],
+        "clean_acc_ci_low": rows[0]["clean_acc_ci_low"],
+        "clean_acc_ci_high": rows[0]["clean_acc_ci_high"],
+        "n_images": float(len(y)),
+    }
     for r in rows:
-        metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
+        key = f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"
+        metrics[key] = r["robust_acc"]
+        metrics[f"{key}_ci_low"] = r["robust_acc_ci_low"]
+        metrics[f"{key}_ci_high"] = r["robust_acc_ci_high"]
     out = root / f"metrics/attack_eval/{mv.name}-v{mv.version}.json"
     write_json(out, {"model": mv.name, "version": str(mv.version), "rows": rows})
     run_id = log_attack_eval(params, root, mv, metrics=metrics, artifacts=[out])

@@ -191,11 +191,19 @@ def split_metrics(
         preds, labels: split name ("train" | "val" | "test") -> (N,) int arrays.
 
     Returns:
-        {"<split>_acc": float | None, "per_class_test_acc": {class: acc | None},
-        "confusion_test": rows = true class, columns = predicted class}.
+        {"<split>_acc": float | None, "<split>_acc_ci_low" / "_ci_high": its 95% Wilson
+        interval, "per_class_test_acc": {class: acc | None}, "confusion_test": rows = true
+        class, columns = predicted class, "test_pred" / "test_true": the per-image test
+        predictions and labels in ``data/split.csv`` order (for paired comparisons)}.
     """
-    out: dict = {f"{s}_acc": accuracy(preds[s], labels[s]) for s in preds}
+    from transferlab.stats import with_interval
+
+    out: dict = {}
+    for s in preds:
+        out.update(with_interval(f"{s}_acc", np.asarray(preds[s]) == np.asarray(labels[s])))
     y, p = labels.get("test", np.zeros(0, int)), preds.get("test", np.zeros(0, int))
+    out["test_pred"] = np.asarray(p).astype(int).tolist()
+    out["test_true"] = np.asarray(y).astype(int).tolist()
     cm = np.zeros((len(classes), len(classes)), dtype=np.int64)
     np.add.at(cm, (y, p), 1)
     out["confusion_test"] = cm.tolist()

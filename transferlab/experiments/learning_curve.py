@@ -306,9 +306,15 @@ def backbone_methods(lc: LearningCurveParams) -> list[str]:
 
 
 def run_learning_curve(
-    params: Params, *, cache_dir: Path
+    params: Params,
+    *,
+    cache_dir: Path,
+    on_run: Callable[[list[dict], dict], None] | None = None,
 ) -> tuple[list[dict], dict[tuple[str, int, int], np.ndarray]]:
     """Train every method on every (seed, N) subset and score it on the shared test set.
+
+    ``on_run(rows, outcomes)`` is called after every run (the experiment rewrites its outputs
+    there, so a run stopped for time keeps what it finished).
 
     Returns:
         rows: one per (method, n_per_class, seed): test_acc with its Wilson interval, train_acc,
@@ -355,62 +361,72 @@ def run_learning_curve(
     log.info("learning curve: features ready in %.1f s", time.perf_counter() - t0)
     x_test = to_rgb(x_test_u8, lc.image_size)
     all_ns = tuple(sorted({n for m in lc.methods for n in _ns_for(lc, m)}))
-    points = [(seed, n) for seed in lc.seeds for n in all_ns]
+    splits = {seed: seed_split(y_pool, all_ns, lc.val_per_class, seed) for seed in lc.seeds}
+    # the cheap methods (on cached features) first, every seed; then those that train the
+    # backbone, seed by seed with the largest N first: a run stopped for time has finished
+    # the whole of the first part and as many seeds as it could of the second
+    cheap = [m for m in lc.methods if not TRAINERS[m].trains_backbone]
+    costly = backbone_methods(lc)
+    jobs = [(m, seed, n) for seed in lc.seeds for n in lc.n_per_class for m in cheap]
+    jobs += [
+        (m, seed, n)
+        for seed in lc.seeds
+        for n in sorted(lc.backbone_n_per_class, reverse=True)
+        for m in costly
+    ]
     rows: list[dict] = []
     outcomes: dict[tuple[str, int, int], np.ndarray] = {}
     n_test = len(y_test)
-    # updated by hand, so the count and the last point's accuracies show together
-    bar = progress(desc="learning curve", unit="point", total=len(points), leave=True)
-    for seed in lc.seeds:
-        split = seed_split(y_pool, all_ns, lc.val_per_class, seed)
-        for n in all_ns:
-            bar.set_description(f"learning curve: N={n}/class, seed {seed}", refresh=False)
-            sub = split.train[n]
-            parts = {"train": sub, "val": split.val}
+    # updated by hand, so the count and the last run's accuracy show together
+    bar = progress(desc="learning curve", unit="run", total=len(jobs), leave=True)
+    for method, seed, n in jobs:
+        bar.set_description(f"learning curve: {method}, N={n}/class, seed {seed}", refresh=False)
+        split = splits[seed]
+        sub = split.train[n]
+        parts = {"train": sub, "val": split.val}
 
-            def images(part: str, parts=parts) -> torch.Tensor:
-                return x_test if part == "test" else to_rgb(x_pool[parts[part]], lc.image_size)
+        def images(part: str, parts=parts) -> torch.Tensor:
+            return x_test if part == "test" else to_rgb(x_pool[parts[part]], lc.image_size)
 
-            data = CurveData(
-                n_classes=len(FASHION_CLASSES),
-                f_train=feats["pool"][sub],
-                y_train=y_pool[sub],
-                f_val=feats["pool"][split.val],
-                y_val=y_pool[split.val],
-                f_test=feats["test"],
-                images=images,
-                seed=seed,
-                min_epoch_images=lc.min_epoch_images,
-                image_size=lc.image_size,
-            )
-            last = {}
-            for method in lc.methods:
-                if n not in _ns_for(lc, method):
-                    continue
-                fit = TRAINERS[method].fit(params, data)
-                correct = fit.pred == y_test
-                k = int(correct.sum())
-                lo, hi = wilson(k, n_test)
-                outcomes[(method, n, seed)] = correct
-                rows.append(
-                    {
-                        "method": method,
-                        "n_per_class": n,
-                        "seed": seed,
-                        "n_train": int(len(sub)),
-                        "n_test": n_test,
-                        "test_acc": k / n_test,
-                        "test_acc_ci_low": lo,
-                        "test_acc_ci_high": hi,
-                        "train_acc": fit.train_acc,
-                        "seconds": fit.seconds,
-                        **fit.extra,
-                    }
-                )
-                last[method] = round(k / n_test, 3)
-            bar.set_postfix(last, refresh=False)
-            bar.update()
-            log.info("N=%d seed=%d: %s", n, seed, last)
+        data = CurveData(
+            n_classes=len(FASHION_CLASSES),
+            f_train=feats["pool"][sub],
+            y_train=y_pool[sub],
+            f_val=feats["pool"][split.val],
+            y_val=y_pool[split.val],
+            f_test=feats["test"],
+            images=images,
+            seed=seed,
+            min_epoch_images=lc.min_epoch_images,
+            image_size=lc.image_size,
+        )
+        fit = TRAINERS[method].fit(params, data)
+        correct = fit.pred == y_test
+        k = int(correct.sum())
+        lo, hi = wilson(k, n_test)
+        outcomes[(method, n, seed)] = correct
+        rows.append(
+            {
+                "method": method,
+                "n_per_class": n,
+                "seed": seed,
+                "n_train": int(len(sub)),
+                "n_test": n_test,
+                "test_acc": k / n_test,
+                "test_acc_ci_low": lo,
+                "test_acc_ci_high": hi,
+                "train_acc": fit.train_acc,
+                "seconds": fit.seconds,
+                **fit.extra,
+            }
+        )
+        bar.set_postfix({method: round(k / n_test, 3)}, refresh=False)
+        bar.update()
+        log.info(
+            "%s N=%d seed=%d: test acc %.3f (%.0f s)", method, n, seed, k / n_test, fit.seconds
+        )
+        if on_run is not None:
+            on_run(rows, outcomes)
     bar.close()
     return rows, outcomes
 
@@ -534,10 +550,13 @@ def lecture_verdicts(summary: list[dict], order: tuple[str, ...]) -> list[dict]:
     return out
 
 
-def _cell(row: dict, m: str) -> str:
+def _cell(row: dict, m: str, seeds: int | None = None) -> str:
     if f"{m}_mean" not in row:
         return "-"
-    return f"{row[f'{m}_mean']:.3f} [{row[f'{m}_ci_low']:.3f}, {row[f'{m}_ci_high']:.3f}]"
+    cell = f"{row[f'{m}_mean']:.3f} [{row[f'{m}_ci_low']:.3f}, {row[f'{m}_ci_high']:.3f}]"
+    if seeds is not None and row[f"{m}_seeds"] != seeds:
+        cell += f" ({row[f'{m}_seeds']} seeds)"
+    return cell
 
 
 def markdown_table(summary: list[dict]) -> str:
@@ -549,8 +568,9 @@ def markdown_table(summary: list[dict]) -> str:
         "| N per class | " + " | ".join(methods) + " | best |",
         "|---:|" + "---:|" * len(methods) + ":---|",
     ]
+    seeds = max((r[f"{m}_seeds"] for r in summary for m in methods if f"{m}_seeds" in r), default=0)
     for r in summary:
-        cells = [_cell(r, m) for m in methods]
+        cells = [_cell(r, m, seeds) for m in methods]
         lines.append(f"| {r['n_per_class']} | " + " | ".join(cells) + f" | {r['best']} |")
     return "\n".join(lines) + "\n"
 
@@ -628,6 +648,7 @@ def write_outputs(
     *,
     seconds: float | None = None,
     settings: str = "",
+    partial: bool = False,
 ) -> dict:
     """``runs.csv`` (every run), ``outcomes.npz`` (every run's per-image outcomes, for other
     comparisons), ``summary.md`` (tables, verdicts, the command, ``settings``), ``curve.png``."""
@@ -648,7 +669,13 @@ def write_outputs(
             np.savez_compressed(f, **{f"{m}_n{n}_seed{s}": v for (m, n, s), v in outcomes.items()})
     n_test = rows[0]["n_test"] if rows else 0
     full_ns = ", ".join(str(n) for n in lc.backbone_n_per_class)
-    timing = f" The whole run took {seconds / 60:.1f} min on this machine." if seconds else ""
+    timing = ""
+    if seconds:
+        timing = (
+            f" Unfinished: {len(rows)} runs in {seconds / 60:.1f} min so far."
+            if partial
+            else f" The whole run took {seconds / 60:.1f} min on this machine (2 cores, shared)."
+        )
     md = (
         "# Learning curve: which adaptation wins at which training-set size (Fashion-MNIST)\n\n"
         f"Reproduce with:\n\n```\n{command}\n```\n\n"
@@ -716,13 +743,19 @@ def learning_curve_experiment(
 
     lc = params.learning_curve
     start = time.perf_counter()
+    settings = method_settings(params)
+
+    def save_so_far(rows: list[dict], outcomes: dict) -> None:
+        elapsed = time.perf_counter() - start
+        write_outputs(
+            rows, outcomes, lc, root, COMMAND, seconds=elapsed, settings=settings, partial=True
+        )
+
     rows, outcomes = run_learning_curve(
-        params, cache_dir=root / params.features.cache_dir / "learning_curve"
+        params, cache_dir=root / params.features.cache_dir / "learning_curve", on_run=save_so_far
     )
     seconds = time.perf_counter() - start
-    out = write_outputs(
-        rows, outcomes, lc, root, COMMAND, seconds=seconds, settings=method_settings(params)
-    )
+    out = write_outputs(rows, outcomes, lc, root, COMMAND, seconds=seconds, settings=settings)
     ids = log_learning_curve(
         params,
         root,

@@ -10,7 +10,14 @@ from tests.unit.attacks.conftest import make_tiny_cnn, random_images
 from transferlab.attacks import FGSM
 from transferlab.attacks.transfer import transfer_matrix
 from transferlab.config import AttackParams, Params, ParamsError, load_params
-from transferlab.evaluate import ShardStore, robustness_sweep, sanity_flags
+from transferlab.evaluate import (
+    OUTCOMES,
+    ShardStore,
+    attack_evidence,
+    robustness_sweep,
+    sanity_flags,
+    scalar_fields,
+)
 from transferlab.robustness import Autocast, model_digest
 
 
@@ -94,6 +101,20 @@ def test_sweep_metrics_and_no_failures(data) -> None:
     r = by[("pgd", 8 / 255)]
     assert r["robust_acc"] == pytest.approx(r["clean_acc"] * (1 - r["success_rate"]))
     assert by[("pgd", 8 / 255)]["robust_acc"] <= by[("fgsm", 8 / 255)]["robust_acc"]
+    # every accuracy carries its Wilson interval, and the per-image outcomes behind it
+    for r in rows:
+        assert r["robust_acc_ci_low"] <= r["robust_acc"] <= r["robust_acc_ci_high"]
+        assert r["clean_acc_ci_low"] <= r["clean_acc"] <= r["clean_acc_ci_high"]
+        assert len(r[OUTCOMES]) == len(y) and sum(r[OUTCOMES]) / len(y) == r["robust_acc"]
+        assert OUTCOMES not in scalar_fields(r)
+    intervals, outcomes = attack_evidence([{"model": "m", **r} for r in rows])
+    pgd = by[("pgd", 8 / 255)]
+    assert intervals["m"]["pgd"]["eps_8/255"] == [
+        pgd["robust_acc_ci_low"],
+        pgd["robust_acc_ci_high"],
+    ]
+    assert outcomes["m"]["pgd"]["eps_8/255"] == pgd[OUTCOMES]
+    assert sum(outcomes["m"]["clean"]) / len(y) == pytest.approx(clean)
 
 
 def test_targeted_attacks_in_the_sweep(data) -> None:
