@@ -11,7 +11,7 @@ import hashlib
 import json
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -610,21 +610,35 @@ class RunnerParams(Section):
 class GateParams(Section):
     """The robustness regression gate: when a registered model version may become ``champion``.
 
-    A candidate is promoted only if its clean and robust accuracy (``attack`` at ``eps``) clear the
-    floors and neither falls more than ``max_drop`` below the current champion's.
+    A candidate is promoted only if its clean and robust accuracy (under ``attack`` at ``eps``)
+    clear the floors and, against the current champion, it is significantly better on one and
+    significantly worse on neither (paired McNemar test at level ``alpha`` on the same images, or
+    non-overlapping intervals); a regression must also exceed ``max_drop``.
     """
 
-    attack: str = "fgsm"
+    # strongest: per image, robust only if it survives every attack that ran at eps
+    attack: str = "strongest"
     eps: float = 4 / 255
     min_clean_acc: float = Field(0.5, ge=0.0, le=1.0)
     min_robust_acc: float = Field(0.0, ge=0.0, le=1.0)
-    max_drop: float = Field(0.02, ge=0.0, le=1.0, description="allowed fall below the champion")
+    alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of comparisons")
+    max_drop: float = Field(
+        0.0, ge=0.0, le=1.0, description="a significant fall must also exceed this to block"
+    )
     alias: str = Field("champion", min_length=1)
 
     @field_validator("eps", mode="before")
     @classmethod
     def _eps(cls, v: Any) -> float:
         return parse_eps(v)
+
+    @field_validator("attack")
+    @classmethod
+    def _attack(cls, v: str) -> str:
+        allowed = ("strongest", *get_args(AttackName))
+        if v not in allowed:
+            raise ValueError(f"unknown attack {v!r}; allowed values are {', '.join(allowed)}")
+        return v
 
 
 class ParamsBase(Section):

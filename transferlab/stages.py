@@ -179,6 +179,7 @@ def attack(params: Params, root: Path) -> dict:
     Finished shards in ``attack.work_dir`` are reused, so a killed run resumes.
     """
     from transferlab.evaluate import attack_evidence, sanity_flags, scalar_fields
+    from transferlab.gate import images_digest
     from transferlab.report import plot_adversarial_grid, plot_transfer_matrix
     from transferlab.robustness import grid_examples, sweep_model, transfer
 
@@ -235,6 +236,10 @@ def attack(params: Params, root: Path) -> dict:
             "summary": summary,
             "intervals": intervals,
             "outcomes": outcomes,
+            # names the attacked images, so a later gate run knows whether it can pair them
+            "images": images_digest(
+                [r["sha256"] for r in _split_rows(root) if r["split"] == "test"][: ap.max_images]
+            ),
             "sanity": flags,
             "precision": checks,
         },
@@ -341,12 +346,12 @@ def gate(params: Params, root: Path, *, context: dict[str, str] | None = None) -
     ``transferlab gate`` moves the alias (``lineage.may_move_champion``), so ``dvc repro``,
     ``dvc exp run`` and ad-hoc ``transferlab run`` never change what is served.
     """
-    from transferlab.gate import metrics_from_summary
+    from transferlab.gate import gate_metrics
     from transferlab.lineage import may_move_champion
     from transferlab.tracking import apply_gate
 
     results = read_json(root / RESULTS)
-    summary = read_json(root / ATTACK_METRICS)["summary"]
+    attack_json = read_json(root / ATTACK_METRICS)
     gp = params.gate
     decisions = {}
     for method in params.attack.models:
@@ -354,7 +359,7 @@ def gate(params: Params, root: Path, *, context: dict[str, str] | None = None) -
         if version is None:
             log.warning("gate: no registered version of %s in %s; skipped", method, RESULTS)
             continue
-        candidate = metrics_from_summary(summary, method, gp.attack, gp.eps)
+        candidate = gate_metrics(attack_json, method, gp.attack, gp.eps)
         decisions[method] = apply_gate(
             params, root, method, version, candidate, move_alias=may_move_champion(context)
         )

@@ -13,16 +13,6 @@ from transferlab.tracking.store import scoped_tracking
 log = logging.getLogger(__name__)
 
 
-def _gate_metrics(tags: dict[str, str]):
-    from transferlab.gate import GateMetrics
-
-    def num(key: str) -> float | None:
-        value = tags.get(key)
-        return None if value in (None, "", "None") else float(value)
-
-    return GateMetrics(clean_acc=num("gate.clean_acc"), robust_acc=num("gate.robust_acc"))
-
-
 @scoped_tracking
 def apply_gate(
     params: Params, workdir: Path, method: str, version: str, candidate, *, move_alias: bool = True
@@ -42,7 +32,7 @@ def apply_gate(
     """
     from mlflow.exceptions import MlflowException
 
-    from transferlab.gate import decide
+    from transferlab.gate import decide, from_tags, to_tags
 
     gp = params.gate
     client = _client(params, workdir)
@@ -51,7 +41,7 @@ def apply_gate(
         current = client.get_model_version_by_alias(name, gp.alias)
     except MlflowException:
         current = None
-    champion = None if current is None else _gate_metrics(current.tags)
+    champion = None if current is None else from_tags(current.tags)
     decision = decide(candidate, champion, gp)
     record = {
         "model": name,
@@ -60,7 +50,8 @@ def apply_gate(
         "reasons": list(decision.reasons),
         "clean_acc": candidate.clean_acc,
         "robust_acc": candidate.robust_acc,
-        "attack": gp.attack,
+        "n_images": candidate.n,
+        "attack": candidate.attack or gp.attack,
         "eps": gp.eps,
         "alias": gp.alias,
         "champion_before": None if current is None else str(current.version),
@@ -69,8 +60,7 @@ def apply_gate(
     tags = {
         "gate.decision": decision.decision,
         "gate.reasons": "; ".join(decision.reasons),
-        "gate.clean_acc": str(candidate.clean_acc),
-        "gate.robust_acc": str(candidate.robust_acc),
+        **to_tags(candidate),
         "gate.attack": gp.attack,
         "gate.eps": f"{gp.eps:.6g}",
         "gate.alias_moved": str(record["alias_moved"]).lower(),
