@@ -238,7 +238,7 @@ def attack(params: Params, root: Path) -> dict:
             "outcomes": outcomes,
             # names the attacked images, so a later gate run knows whether it can pair them
             "images": images_digest(
-                [r["sha256"] for r in _split_rows(root) if r["split"] == "test"][: ap.max_images]
+                [r["sha256"] for r in split_rows(root) if r["split"] == "test"][: ap.max_images]
             ),
             "sanity": flags,
             "precision": checks,
