@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from transferlab.atomic import atomic_write
 from transferlab.attacks import BLACKBOX_ATTACKS, Attack, AttackResult, make_attack, sweep
+from transferlab.masking import masking_flags
 from transferlab.progress import progress
 from transferlab.stats import wilson
 
@@ -328,7 +329,7 @@ def sanity_flags(rows: list[dict]) -> list[dict]:
                         **_where(r),
                     }
                 )
-    return flags
+    return flags + masking_flags(rows)
 
 
 def _where(row: dict) -> dict:

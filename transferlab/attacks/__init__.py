@@ -11,6 +11,8 @@ attacks (``blackbox``) only ever see a counted ``predict(x) -> scores`` oracle, 
 decision-based one (``decision``) reads only the top-1 label of each answer.
 """
 
+from transferlab.attacks.apgd import APGD, APGDT
+from transferlab.attacks.autoattack import AutoAttack
 from transferlab.attacks.base import Attack, AttackResult, project
 from transferlab.attacks.blackbox import (
     BLACKBOX_ATTACKS,
@@ -23,6 +25,7 @@ from transferlab.attacks.blackbox import (
     Square,
 )
 from transferlab.attacks.decision import HopSkipJump
+from transferlab.attacks.fab import FABT
 from transferlab.attacks.gradient import (
     ATTACKS,
     BIM,
@@ -39,9 +42,15 @@ from transferlab.attacks.gradient import (
 # HopSkipJump only queries the model too: a black-box attack for the sanity checks and reports.
 BLACKBOX_ATTACKS["hopskipjump"] = HopSkipJump
 ATTACKS.update(BLACKBOX_ATTACKS)
+# AutoAttack's parts and the ensemble (white-box: its gradient attacks run first).
+ATTACKS.update({"apgd": APGD, "apgd_t": APGDT, "fab_t": FABT, "autoattack": AutoAttack})
 
 __all__ = [
+    "APGD",
+    "APGDT",
     "ATTACKS",
+    "FABT",
+    "AutoAttack",
     "BIM",
     "BLACKBOX_ATTACKS",
     "FGSM",
