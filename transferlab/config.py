@@ -392,7 +392,10 @@ class LearningCurveParams(Section):
 
 # Registry names that the attack stage accepts (transferlab.attacks.ATTACKS, minus pgd_l2 whose
 # eps is an L2 norm and does not share the L-inf sweep). Literal, so a typo lists the choices.
-AttackName = Literal["fgsm", "bim", "pgd", "mifgsm", "square", "nes", "spsa", "hopskipjump"]
+AttackName = Literal[
+    "fgsm", "bim", "pgd", "mifgsm", "square", "nes", "spsa", "hopskipjump",
+    "apgd", "apgd_t", "fab_t", "autoattack",
+]  # fmt: skip
 WhiteBoxName = Literal["fgsm", "bim", "pgd", "mifgsm"]
 
 
@@ -440,6 +443,54 @@ class MifgsmParams(Section):
     _step = field_validator("step_size", mode="before")(
         classmethod(lambda cls, v: _optional_eps(v))
     )
+
+
+class ApgdParams(Section):
+    steps: int = Field(100, ge=1, description="iterations per restart (AutoAttack: 100)")
+    restarts: int = Field(1, ge=1)
+    loss: Literal["ce", "dlr"] = "ce"  # ce: APGD-CE; dlr: APGD-DLR (needs >= 3 classes)
+    rho: float = Field(0.75, gt=0.0, le=1.0)
+    early_stop: bool = True
+
+
+class ApgdTParams(Section):
+    steps: int = Field(100, ge=1, description="iterations per target class")
+    n_target_classes: int = Field(9, ge=1)
+    early_stop: bool = True
+
+
+class FabTParams(Section):
+    steps: int = Field(100, ge=1, description="iterations per target class")
+    n_target_classes: int = Field(9, ge=1)
+    early_stop: bool = True
+
+
+class AutoAttackParams(Section):
+    """The standard ensemble (APGD-CE, APGD-T, FAB-T, Square); defaults are the reference's."""
+
+    steps: int = Field(100, ge=1, description="APGD and FAB iterations (per target)")
+    n_target_classes: int = Field(9, ge=1)
+    square_queries: int = Field(5000, ge=0, description="0 leaves Square out")
+
+
+class MaskingParams(Section):
+    """Gradient-masking probes (transferlab/masking.py), judged by the sanity flags."""
+
+    enabled: bool = False
+    eps: float | None = None  # null: attack.report_eps
+    steps: tuple[int, ...] = (1, 4, 20)  # PGD steps of eps / 4 from the clean image
+    square_queries: int = Field(200, ge=0, description="black-box probe (0: none)")
+    large_eps: float = 64 / 255
+
+    _eps = field_validator("eps", mode="before")(classmethod(lambda cls, v: _optional_eps(v)))
+    _large = field_validator("large_eps", mode="before")(classmethod(lambda cls, v: parse_eps(v)))
+
+    @field_validator("steps")
+    @classmethod
+    def _steps(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if len(v) < 2 or any(s < 1 for s in v) or list(v) != sorted(set(v)):
+            raise ValueError("steps must be at least two increasing step counts >= 1")
+        return v
 
 
 class SquareParams(Section):
@@ -535,6 +586,11 @@ class AttackParams(Section):
     bim: BimParams = Field(default_factory=BimParams)
     pgd: PgdParams = Field(default_factory=PgdParams)
     mifgsm: MifgsmParams = Field(default_factory=MifgsmParams)
+    apgd: ApgdParams = Field(default_factory=ApgdParams)
+    apgd_t: ApgdTParams = Field(default_factory=ApgdTParams)
+    fab_t: FabTParams = Field(default_factory=FabTParams)
+    autoattack: AutoAttackParams = Field(default_factory=AutoAttackParams)
+    masking: MaskingParams = Field(default_factory=MaskingParams)
     square: SquareParams = Field(default_factory=SquareParams)
     nes: NesParams = Field(default_factory=NesParams)
     spsa: SpsaParams = Field(default_factory=SpsaParams)
@@ -570,7 +626,7 @@ class AttackParams(Section):
         kwargs = dict(getattr(self, name).model_dump())
         if name == "fgsm":
             kwargs.pop("targeted")  # the stage picks the targets; see transferlab.robustness
-        if name not in ("fgsm", "bim"):
+        if name not in ("fgsm", "bim", "fab_t"):  # deterministic ones take no seed
             kwargs["seed"] = self.seed
         return kwargs
 

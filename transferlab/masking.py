@@ -74,10 +74,10 @@ def masking_rows(
              "budget": steps * restarts}
         )  # fmt: skip
     row = sweep("pgd", large_eps, {"steps": max(s for s, _ in budgets), "early_stop": True})
-    rows.append({**row, "probe": "large_eps"})
+    rows.append({**row, "attack": "pgd_large_eps", "probe": "large_eps"})
     if square_queries:
         row = sweep("square", eps, {"max_queries": square_queries})
-        rows.append({**row, "probe": "blackbox"})
+        rows.append({**row, "attack": "square_probe", "probe": "blackbox"})
     return rows
 
 

@@ -142,6 +142,26 @@ def _sweep(params: Params, root: Path, name: str, x: Tensor, y: Tensor, model, k
     )
 
 
+def _masking(params: Params, model: nn.Module, x: Tensor, y: Tensor) -> list[dict]:
+    """The gradient-masking probe rows (``attack.masking``), or none when it is off."""
+    from transferlab.masking import masking_rows
+
+    ap, mp = params.attack, params.attack.masking
+    if not mp.enabled:
+        return []
+    return masking_rows(
+        model,
+        x,
+        y,
+        eps=ap.report_eps if mp.eps is None else mp.eps,
+        budgets=[(s, 1) for s in mp.steps],
+        square_queries=mp.square_queries,
+        large_eps=mp.large_eps,
+        seed=ap.seed,
+        batch_size=ap.batch_size,
+    )
+
+
 def num_batches(params: Params, root: Path) -> int:
     """How many batches the attack stage splits the test images into (the Prefect map size)."""
     n = min(sum(r["split"] == "test" for r in split_rows(root)), params.attack.max_images)
@@ -170,6 +190,7 @@ def sweep_model(params: Params, root: Path, name: str) -> tuple[list[dict], dict
     model, _, key = load_attack_model(params, root, name)
     x, y = attack_inputs(params, root, name, model)
     rows = [{"model": name, **r} for r in _sweep(params, root, name, x, y, model, key)]
+    rows += [{"model": name, **r} for r in _masking(params, model, x, y)]
     check: dict = {}
     if params.attack.precision == "bf16":
         fp32 = model.model
