@@ -7,11 +7,13 @@ starts a temporary local server (ephemeral mode), so nothing needs to be running
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 
+from flows.ephemeral import prefect_api
 from flows.features import run_feature_shards
 from tasks.attack import map_attack_batches
 from tasks.stages import (
@@ -27,6 +29,8 @@ from transferlab.config import load_params
 from transferlab.stages import STAGES
 from transferlab.tracking import check_tracking_store
 from transferlab.workspace import workspace_lock
+
+log = logging.getLogger(__name__)
 
 
 def lineage_context() -> dict[str, str]:
@@ -47,6 +51,45 @@ def lineage_context() -> dict[str, str]:
     return ctx
 
 
+def mark_abandoned_runs(workdir: str) -> list[str]:
+    """Mark CRASHED the pipeline runs still RUNNING in this workspace: this run holds the
+    workspace lock, so their processes are gone (a ``kill -9``, a lost machine) and no one
+    else will ever finish them. Returns their ids."""
+    from prefect import get_client
+    from prefect.client.schemas.filters import (
+        FlowFilter,
+        FlowFilterName,
+        FlowRunFilter,
+        FlowRunFilterState,
+        FlowRunFilterStateType,
+    )
+    from prefect.client.schemas.objects import StateType
+    from prefect.states import Crashed
+
+    me = str(flow_run.id)
+    marked = []
+    with get_client(sync_client=True) as client:
+        running = client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[pipeline.name])),
+            flow_run_filter=FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            ),
+        )
+        for run in running:
+            there = run.parameters.get("workdir")
+            if str(run.id) == me or there is None or Path(there).resolve() != Path(workdir):
+                continue
+            client.set_flow_run_state(
+                run.id,
+                Crashed(message="its process died; marked by the next run in this workspace"),
+                force=True,
+            )
+            marked.append(str(run.id))
+    if marked:
+        log.warning("marked abandoned pipeline run(s) CRASHED: %s", marked)
+    return marked
+
+
 @flow(name="transferlab-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """Pull, split, features, svm, attack, report; returns each stage's summary."""
@@ -55,6 +98,7 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     workdir = str(Path(workdir).resolve())
     results: dict = {}
     with workspace_lock(Path(workdir)):
+        mark_abandoned_runs(workdir)
         for name in STAGES:
             task = run_stage.with_options(
                 name=name,
@@ -80,7 +124,8 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--workdir", default=".")
     args = parser.parse_args()
-    pipeline(params_path=args.params, workdir=args.workdir)
+    with prefect_api():
+        pipeline(params_path=args.params, workdir=args.workdir)
 
 
 if __name__ == "__main__":

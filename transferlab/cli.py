@@ -407,13 +407,15 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: 
     # before Prefect even starts: a dead tracking server should cost seconds, not a whole run
     loaded = _setup(params, verbose, quiet)
     check_tracking_store(loaded, Path.cwd())
+    from flows.ephemeral import prefect_api
     from flows.pipeline import pipeline  # the orchestration layer; the library never imports it
     from transferlab.progress import logs_above_bars
 
     if not verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_FailureOnce())
-    with logs_above_bars():
+    # a temporary Prefect server that dies with this process (unless PREFECT_API_URL is set)
+    with prefect_api(), logs_above_bars():
         result = pipeline(params_path=str(params), workdir=str(Path.cwd()))
     print_results(result["report"], report_eps=loaded.attack.report_eps)
 
