@@ -76,7 +76,8 @@ def data_name(raw: str) -> str:
         raise UnsafeName(raw, f"{name!r} would leave its folder")
     if "/" in name or "\\" in name:
         raise UnsafeName(raw, "a name must not contain '/' or '\\'")
-    for ch in name:
+    # printable ASCII (most names) has no character of the kinds below: skip the scan
+    for ch in () if name.isascii() and name.isprintable() else name:
         if unicodedata.category(ch) in _BAD_CATEGORIES or ch in _BIDI_CONTROLS:
             what = "undecodable byte" if unicodedata.category(ch) == "Cs" else "control character"
             raise UnsafeName(raw, f"{what} U+{ord(ch):04X} in the name")
@@ -99,6 +100,11 @@ def data_path(raw: str) -> PurePosixPath:
     Raises:
         UnsafeName: absolute, an empty segment (``a//b``, a trailing ``/``), or a bad segment.
     """
+    return PurePosixPath(data_path_text(raw))
+
+
+def data_path_text(raw: str) -> str:
+    """:func:`data_path` as ``/``-separated text (the same checks, no path object)."""
     if not isinstance(raw, str) or not raw:
         raise UnsafeName(raw, "empty path")
     if raw.startswith("/"):
@@ -107,7 +113,7 @@ def data_path(raw: str) -> PurePosixPath:
     if "" in parts:
         raise UnsafeName(raw, "empty path segment ('//' or a trailing '/')")
     try:
-        return PurePosixPath(*(data_name(p) for p in parts))
+        return "/".join([data_name(p) for p in parts])
     except UnsafeName as exc:
         raise UnsafeName(raw, f"segment {_show(exc.name)}: {exc.reason}") from None
 

@@ -36,13 +36,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from transferlab.config import DataParams, FolderSource
 from transferlab.data.images import ImageRejected, decode_rgb
 from transferlab.data.manifest import MANIFEST_COLUMNS, read_manifest, write_csv_atomic
 from transferlab.data.sources import IMAGE_EXTENSIONS, DataSourceError, SourceFile, list_source
-from transferlab.names import UnsafeName, data_name, data_path
+from transferlab.names import UnsafeName, data_name, data_path_text
 from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,8 @@ def pull_dataset(
         rules = _rules(params)
         # Finish every worker before going on, so none still writes into tmp if a later step
         # fails and tmp is removed.
-        results = _check_all(files, params, new, out_dir, _read_index(out_dir, rules), workers)
+        index = _read_index(out_dir, rules)
+        results, kept_copies = _check_all(files, params, new, out_dir, index, workers)
         rows, rejected = _collect(files, results, new)
         kept = Counter(row["label"] for row in rows)
         _summarise(files, classes, kept, rejected)
@@ -269,7 +270,11 @@ def pull_dataset(
             json.dumps(rejected, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
         )
         _write_index(new / INDEX_NAME, rules, files, results)
-        _swap_in(new, tmp / "previous", out_dir)
+        if kept_copies and not _replaces_a_copy(new, out_dir):
+            _update_in_place(new, tmp / "previous", out_dir, {row["path"] for row in rows})
+        else:
+            _link_copies(kept_copies, out_dir, new)
+            _swap_in(new, tmp / "previous", out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created and not listed:
@@ -296,17 +301,17 @@ def _named(files: Sequence[SourceFile]) -> list[SourceFile]:
     seen: set[tuple[str, str]] = set()
     for f in files:
         if f.problem is None:
+            rel = f.rel.as_posix()
             try:
-                f = dataclasses.replace(
-                    f, label=data_name(f.label), rel=data_path(f.rel.as_posix())
-                )
+                key = (data_name(f.label), data_path_text(rel))
             except UnsafeName as exc:
                 f = dataclasses.replace(f, problem=f"unsafe name: {exc}")
             else:
-                key = (f.label, f.rel.as_posix())
+                if key != (f.label, rel):  # NFC changed it
+                    f = dataclasses.replace(f, label=key[0], rel=PurePosixPath(key[1]))
                 if key in seen:
                     f = dataclasses.replace(
-                        f, problem=f"same name as another file: {f.label}/{key[1]}"
+                        f, problem=f"same name as another file: {key[0]}/{key[1]}"
                     )
                 seen.add(key)
         out.append(f)
@@ -368,23 +373,28 @@ def _check_all(
     out_dir: Path,
     index: dict[str, list],
     workers: int | None,
-) -> list[_Checked]:
-    """The verdict on every file, in ``files`` order, accepted ones copied under ``new``.
+) -> tuple[list[_Checked], list[str]]:
+    """The verdict on every file, in ``files`` order, and the unchanged copies to keep.
 
     Unchanged files (same size and mtime as in the index, copy under ``out_dir`` untouched) are
-    linked from the previous dataset here; the rest go to :func:`_check` in worker processes.
+    not read: their copy under ``out_dir`` is kept (the paths relative to ``out_dir`` are
+    returned). The rest go to :func:`_check` in worker processes, which copy accepted files
+    under ``new``.
     """
     results: list[_Checked | None] = [None] * len(files)
     jobs: list[tuple[int, _Job]] = []
-    made: set[Path] = set()
+    kept: list[str] = []
     for i, f in enumerate(files):
         if f.problem is not None:
             results[i] = _Checked(reason=f.problem)
             continue
-        rel = Path(IMAGES_DIR, f.label, f.rel)
-        known = _known(index[_index_key(f)]) if _index_key(f) in index else None
-        if known is not None and (reused := _reuse(f.path, known, out_dir / rel, new / rel, made)):
+        rel = os.path.join(IMAGES_DIR, f.label, f.rel)  # plain strings: this loop runs per file
+        entry = index.get(_index_key(f))
+        known = _known(entry) if entry is not None else None
+        if known is not None and (reused := _reuse(f.path, known, os.path.join(out_dir, rel))):
             results[i] = reused
+            if reused.reason is None:
+                kept.append(rel)
             continue
         job = _Job(
             src=str(f.path),
@@ -400,12 +410,12 @@ def _check_all(
         log.info("%d file(s) unchanged since the last pull, not read again", reused)
     for (i, _), result in zip(jobs, _run_checks([j for _, j in jobs], workers), strict=True):
         results[i] = result
-    return results  # type: ignore[return-value]
+    return results, kept  # type: ignore[return-value]
 
 
-def _reuse(src: Path, known: _Checked, old: Path, dest: Path, made: set[Path]) -> _Checked | None:
+def _reuse(src: Path, known: _Checked, old: str) -> _Checked | None:
     """``known`` again if ``src`` is unchanged (size, mtime) and its previous copy ``old`` is
-    intact (same size, not modified since), with ``old`` linked to ``dest``; else None."""
+    intact (same size, not modified since); else None."""
     try:
         st = os.stat(src)
         if (st.st_size, st.st_mtime_ns) != (known.size, known.mtime_ns):
@@ -420,13 +430,34 @@ def _reuse(src: Path, known: _Checked, old: Path, dest: Path, made: set[Path]) -
             known.copy_mtime_ns,
         ):
             return None
-        if dest.parent not in made:
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            made.add(dest.parent)
-        os.link(old, dest)
     except OSError:
         return None
     return known
+
+
+def _replaces_a_copy(new: Path, out_dir: Path) -> bool:
+    """Whether a file checked this time would overwrite a copy the current dataset holds (a
+    changed source file): then the dataset is rebuilt beside the old one, not updated in it."""
+    for dirpath, _, names in os.walk(new / IMAGES_DIR):
+        rel = os.path.relpath(dirpath, new)
+        if any(os.path.lexists(os.path.join(out_dir, rel, n)) for n in names):
+            return True
+    return False
+
+
+def _link_copies(kept: Sequence[str], out_dir: Path, new: Path) -> None:
+    """Hard-link the kept copies (paths under ``out_dir``) into the new dataset under ``new``."""
+    made: set[str] = set()
+    for rel in kept:
+        dest = os.path.join(new, rel)
+        parent = os.path.dirname(dest)
+        if parent not in made:
+            os.makedirs(parent, exist_ok=True)
+            made.add(parent)
+        try:
+            os.link(os.path.join(out_dir, rel), dest)
+        except OSError:  # file systems without hard links
+            shutil.copy2(os.path.join(out_dir, rel), dest)
 
 
 def _collect(
@@ -442,7 +473,8 @@ def _collect(
         if reason is None and res.sha256 in first_seen:
             first = first_seen[res.sha256]
             reason = f"duplicate: same bytes as {first['path']}"
-            (new / path).unlink()
+            # a kept copy is not under new/: the in-place update removes it with the unlisted
+            (new / path).unlink(missing_ok=True)
         if reason is not None:
             rejected.append({"source": f.uri, "reason": reason})
             continue
@@ -536,6 +568,74 @@ def _too_few_classes(
     )
 
 
+def _update_in_place(new: Path, backup: Path, out_dir: Path, listed: set[str]) -> None:
+    """Move the files checked this time into ``out_dir/images`` beside the kept copies, swap
+    in the manifest, then remove the copies it no longer lists.
+
+    Every moved file has a name the current dataset does not use (see _replaces_a_copy), so
+    until the manifest is replaced the previous dataset stays whole; a failure removes what was
+    moved in. A kill in between leaves only files the manifest does not list, which the next
+    pull removes (and ``dataset_problem`` reports).
+    """
+    backup.mkdir()
+    images = out_dir / IMAGES_DIR
+    undo: list[tuple[Path, Path | None]] = []
+    made: list[Path] = []
+    try:
+        for dirpath, _, names in os.walk(new / IMAGES_DIR):
+            target_dir = out_dir / os.path.relpath(dirpath, new)
+            if not target_dir.is_dir():
+                target_dir.mkdir(parents=True)
+                made.append(target_dir)
+            for name in names:
+                undo.append((target_dir / name, None))
+                os.replace(os.path.join(dirpath, name), target_dir / name)
+        _replace_files(new, backup, out_dir, undo)
+    except BaseException:
+        _restore(undo)
+        for folder in reversed(made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    for dirpath, _, names in os.walk(images, topdown=False):
+        rel = os.path.relpath(dirpath, out_dir)
+        for name in names:
+            if os.path.join(rel, name).replace(os.sep, "/") not in listed:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(dirpath, name))
+        if dirpath != str(images):
+            with contextlib.suppress(OSError):
+                os.rmdir(dirpath)  # only when empty
+
+
+def _replace_files(
+    new: Path, backup: Path, out_dir: Path, undo: list[tuple[Path, Path | None]]
+) -> None:
+    # The manifest goes after the images: it names the dataset, so it must not move ahead of
+    # them. The index last: a stale one only costs a full check (see _reuse).
+    for name in (REJECTED_NAME, MANIFEST_NAME, INDEX_NAME):
+        target = out_dir / name
+        if target.exists():
+            _keep_copy(target, backup / name)
+            undo.append((target, backup / name))
+        else:
+            undo.append((target, None))
+        os.replace(new / name, target)
+
+
+def _restore(undo: list[tuple[Path, Path | None]]) -> None:
+    for path, previous in reversed(undo):
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            elif previous is None:
+                path.unlink(missing_ok=True)
+            if previous is not None:
+                os.replace(previous, path)
+        except OSError:
+            log.exception("could not restore %s", path)
+
+
 def _swap_in(new: Path, backup: Path, out_dir: Path) -> None:
     """Move the new outputs into ``out_dir``, restoring the previous ones if any step fails.
 
@@ -553,27 +653,9 @@ def _swap_in(new: Path, backup: Path, out_dir: Path) -> None:
         else:
             undo.append((images, None))
         os.replace(new / IMAGES_DIR, images)
-        # The manifest goes after the images: it names the dataset, so it must not move ahead
-        # of them. The index last: a stale one only costs a full check (see _reuse).
-        for name in (REJECTED_NAME, MANIFEST_NAME, INDEX_NAME):
-            target = out_dir / name
-            if target.exists():
-                _keep_copy(target, backup / name)
-                undo.append((target, backup / name))
-            else:
-                undo.append((target, None))
-            os.replace(new / name, target)
+        _replace_files(new, backup, out_dir, undo)
     except BaseException:
-        for path, previous in reversed(undo):
-            try:
-                if path.is_dir() and not path.is_symlink():
-                    shutil.rmtree(path)
-                elif previous is None:
-                    path.unlink(missing_ok=True)
-                if previous is not None:
-                    os.replace(previous, path)
-            except OSError:
-                log.exception("could not restore %s", path)
+        _restore(undo)
         raise
 
 

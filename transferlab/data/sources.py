@@ -7,6 +7,7 @@ Listing only looks at names; whether a file really is a usable image is decided 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -73,7 +74,7 @@ class SourceFile:
     origin: str = ""
     problem: str | None = None
 
-    @property
+    @functools.cached_property  # asked for several times per file; as_uri is slow
     def uri(self) -> str:
         """URI of the original, as recorded in the manifest: ``origin`` or ``file://`` path."""
         return self.origin or self.path.as_uri()
@@ -125,16 +126,35 @@ def _walk_images(
     top: Path, extensions: frozenset[str], skip_dirs: frozenset[str] = frozenset()
 ) -> list[Path]:
     """Image files under ``top``, recursively, hidden and junk entries left out, sorted."""
-    found: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(top):
-        # Pruning in place stops os.walk descending into hidden folders and __MACOSX.
-        dirnames[:] = [d for d in dirnames if not _is_junk(d) and d.lower() not in skip_dirs]
-        for name in filenames:
-            if _is_junk(name):
+    return sorted(p for p, _ in _walk_entries(top, extensions, skip_dirs))
+
+
+def _walk_entries(
+    top: Path, extensions: frozenset[str], skip_dirs: frozenset[str] = frozenset()
+) -> list[tuple[Path, bool]]:
+    """``(path, is_symlink)`` of the image files under ``top``, sorted by path.
+
+    Linked folders are not entered (a link can lead anywhere); whether a file is a link comes
+    from the directory listing itself, so it costs no system call per file.
+    """
+    found: list[tuple[Path, bool]] = []
+    stack = [str(top)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue  # unreadable folder: like os.walk, nothing to list
+        for e in entries:
+            if _is_junk(e.name):
                 continue
-            if os.path.splitext(name)[1].lower() in extensions:
-                found.append(Path(dirpath, name))
-    return sorted(found)
+            if e.is_dir(follow_symlinks=False):
+                if e.name.lower() not in skip_dirs:
+                    stack.append(e.path)
+            elif os.path.splitext(e.name)[1].lower() in extensions:
+                found.append((Path(e.path), e.is_symlink()))
+    found.sort()
+    return found
 
 
 def _list_folder(
@@ -166,10 +186,11 @@ def _list_folder(
             rel = PurePosixPath(entry.name)
             files.append(SourceFile(entry, label, rel, origin=origin, problem=outside))
             continue
-        for path in _walk_images(entry, IMAGE_EXTENSIONS):
-            rel = PurePosixPath(path.relative_to(entry).as_posix())
+        cut = len(str(entry)) + 1
+        for path, is_link in _walk_entries(entry, IMAGE_EXTENSIONS):
+            rel = PurePosixPath(str(path)[cut:])
             where = f"{origin}#{entry.name}/{rel}" if origin else ""
-            problem = _outside(path, root)
+            problem = _outside(path, root) if is_link else None
             files.append(SourceFile(path, label, rel, origin=where, problem=problem))
     files.sort(key=lambda f: (f.label, f.rel.as_posix()))
     if loose:
