@@ -4,11 +4,10 @@ source, measured in one run.
     python benchmarks/data_incremental_pull.py [--images 10000 60000] [--grow 0.1]
 
 For each N: writes N Fashion-MNIST images (Debian's ``dataset-fashion-mnist`` IDX files, train
-then t10k) as PNG
-files into a class-per-folder source and pulls it; adds ``grow * N`` more images and pulls
-again (incremental: unchanged files are neither read nor copied, only the new ones are read,
-decoded and copied in); then pulls the grown source into an empty folder (cold). Reports both times
-and their ratio (goal: <= 0.15).
+then t10k) as PNG files into a class-per-folder source and pulls it; adds ``grow * N`` more
+images and pulls again (incremental: unchanged files are neither read nor copied, only the new
+ones are read, decoded and copied in); then pulls the grown source into an empty folder (cold).
+Reports both times and their ratio (goal: <= 0.15).
 """
 
 from __future__ import annotations
