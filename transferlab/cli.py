@@ -122,6 +122,26 @@ def _configure_logging(level: int) -> None:
     install_log_redaction()
 
 
+def _orchestration(module: str):
+    """``transferlab_flows.<module>``, imported at call time: the orchestration layer sits above
+    the library, which never imports it, and it needs the optional Prefect extra."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"transferlab_flows.{module}")
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in {"prefect", "transferlab_flows"}:
+            raise
+        err.print(
+            f"[red]error:[/red] this command runs a Prefect flow, and {exc.name} is not "
+            "installed; install the orchestration extra: pip install 'transferlab\\[orchestrate]' "
+            "(or use `dvc repro` / `transferlab <stage>`)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1) from None
+
+
 def _stage_command(
     name: str, doc: str, more: str, *, reads: str, writes: str, examples: tuple[str, ...]
 ):
@@ -407,8 +427,8 @@ def run(params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: 
     # before Prefect even starts: a dead tracking server should cost seconds, not a whole run
     loaded = _setup(params, verbose, quiet)
     check_tracking_store(loaded, Path.cwd())
-    from flows.ephemeral import prefect_api
-    from flows.pipeline import pipeline  # the orchestration layer; the library never imports it
+    prefect_api = _orchestration("ephemeral").prefect_api
+    pipeline = _orchestration("pipeline").pipeline
     from transferlab.progress import logs_above_bars
 
     if not verbose:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from transferlab.atomic import atomic_write
 from transferlab.attacks import BLACKBOX_ATTACKS, Attack, AttackResult, make_attack, sweep
-from transferlab.masking import masking_flags
+from transferlab.masking import LARGE_EPS, masking_flags
 from transferlab.progress import progress
 from transferlab.stats import wilson
 
@@ -337,3 +337,56 @@ def _where(row: dict) -> dict:
     if "model" in row:
         where = {"model": row["model"], **where}
     return where
+
+
+def masking_rows(
+    model: nn.Module,
+    x01: Tensor,
+    y: Tensor,
+    *,
+    eps: float,
+    budgets: Sequence[tuple[int, int]] = ((1, 1), (4, 1), (20, 1)),
+    square_queries: int = 200,
+    large_eps: float = LARGE_EPS,
+    seed: int = 0,
+    batch_size: int = 16,
+) -> list[dict]:
+    """Run the probes on ``model``.
+
+    Args:
+        model: eval-mode classifier, (N, 3, H, W) in [0, 1] -> (N, K) logits.
+        x01: (N, 3, H, W) images in [0, 1]. y: (N,) labels.
+        eps: the L-inf budget of the budget and black-box probes (e.g. ``attack.report_eps``).
+        budgets: PGD (steps, restarts) pairs; steps of eps / 4, a random start only with
+            more than one restart.
+        square_queries: Square's budget per image (0: no black-box probe).
+        large_eps: the eps of the large-eps probe.
+
+    Returns:
+        Rows as ``robustness_sweep`` returns them plus ``probe`` ("pgd_budget", "large_eps",
+        "blackbox") and, for the budget probe, ``budget`` (gradients per image per restart x
+        restarts). Attack names say the budget: ``pgd_10x2`` is 10 steps, 2 restarts.
+    """
+
+    def sweep(name: str, e: float, options: dict) -> dict:
+        (row,) = robustness_sweep(
+            model, x01, y, attacks=(name,), eps=(e,), batch_size=batch_size,
+            options={name: {"seed": seed, **options}}, label="masking probe",
+        )  # fmt: skip
+        return row
+
+    rows = []
+    for steps, restarts in budgets:
+        # early stop changes no verdict and saves the steps on fooled images
+        options = {"steps": steps, "restarts": restarts, "step_size": eps / 4}
+        row = sweep("pgd", eps, {**options, "random_start": restarts > 1, "early_stop": True})
+        rows.append(
+            {**row, "attack": f"pgd_{steps}x{restarts}", "probe": "pgd_budget",
+             "budget": steps * restarts}
+        )  # fmt: skip
+    row = sweep("pgd", large_eps, {"steps": max(s for s, _ in budgets), "early_stop": True})
+    rows.append({**row, "attack": "pgd_large_eps", "probe": "large_eps"})
+    if square_queries:
+        row = sweep("square", eps, {"max_queries": square_queries})
+        rows.append({**row, "attack": "square_probe", "probe": "blackbox"})
+    return rows

@@ -33,6 +33,7 @@ from transferlab.backbones import (
 )
 from transferlab.cache import EntriesLost, FeatureCache, atomic_write_json, record_run
 from transferlab.data import open_rgb
+from transferlab.layout import PARTS, split_rows
 from transferlab.progress import progress
 
 __all__ = [
@@ -413,3 +414,34 @@ def extract_features(
             },
         )
     return features, stats
+
+
+def split_images(
+    root: Path,
+    classes: list[str],
+    spec: BackboneSpec,
+    *,
+    background: tuple[int, int, int],
+    parts: tuple[str, ...] = PARTS,
+    limit: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Decoded images (``x_<part>``: (N, 3, S, S) in [0, 1] at ``spec``'s size) and labels
+    (``y_<part>``: (N,) int64) per split; ``limit`` keeps the first images of each part."""
+    rows = split_rows(root)
+    chosen = {p: [r for r in rows if r["split"] == p][:limit] for p in parts}
+    out: dict[str, torch.Tensor] = {}
+    # decoding hundreds of photos takes seconds: in chunks, so a bar can count them
+    chunk = 32
+    with progress(desc="decoding images", unit="img", total=sum(map(len, chosen.values()))) as bar:
+        for part, part_rows in chosen.items():
+            paths = [root / "data" / r["path"] for r in part_rows]
+            pieces = []
+            for i in range(0, len(paths), chunk):
+                pieces.append(load_images(paths[i : i + chunk], spec, background=background))
+                bar.update(len(pieces[-1]))
+            s = spec.input_size
+            out[f"x_{part}"] = torch.cat(pieces) if pieces else torch.empty(0, 3, s, s)
+            out[f"y_{part}"] = torch.tensor(
+                [classes.index(r["label"]) for r in part_rows], dtype=torch.long
+            )
+    return out

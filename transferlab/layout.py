@@ -10,14 +10,8 @@ from __future__ import annotations
 import csv
 import zipfile
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:
-    import torch
-
-    from transferlab.backbone_specs import BackboneSpec
 
 MANIFEST = "data/manifest.csv"
 REJECTED = "data/rejected.json"
@@ -83,39 +77,3 @@ def labelled_features(root: Path) -> tuple[dict[str, np.ndarray], list[str]]:
         out[f"x_{part}"] = feats[[by_path[r["path"]] for r in chosen]] if chosen else feats[:0]
         out[f"y_{part}"] = np.array([classes.index(r["label"]) for r in chosen], dtype=np.int64)
     return out, classes
-
-
-def split_images(
-    root: Path,
-    classes: list[str],
-    spec: BackboneSpec,
-    *,
-    background: tuple[int, int, int],
-    parts: tuple[str, ...] = PARTS,
-    limit: int | None = None,
-) -> dict[str, torch.Tensor]:
-    """Decoded images (``x_<part>``: (N, 3, S, S) in [0, 1] at ``spec``'s size) and labels
-    (``y_<part>``: (N,) int64) per split; ``limit`` keeps the first images of each part."""
-    import torch
-
-    from transferlab.features import load_images
-    from transferlab.progress import progress
-
-    rows = split_rows(root)
-    chosen = {p: [r for r in rows if r["split"] == p][:limit] for p in parts}
-    out: dict[str, torch.Tensor] = {}
-    # decoding hundreds of photos takes seconds: in chunks, so a bar can count them
-    chunk = 32
-    with progress(desc="decoding images", unit="img", total=sum(map(len, chosen.values()))) as bar:
-        for part, part_rows in chosen.items():
-            paths = [root / "data" / r["path"] for r in part_rows]
-            pieces = []
-            for i in range(0, len(paths), chunk):
-                pieces.append(load_images(paths[i : i + chunk], spec, background=background))
-                bar.update(len(pieces[-1]))
-            s = spec.input_size
-            out[f"x_{part}"] = torch.cat(pieces) if pieces else torch.empty(0, 3, s, s)
-            out[f"y_{part}"] = torch.tensor(
-                [classes.index(r["label"]) for r in part_rows], dtype=torch.long
-            )
-    return out

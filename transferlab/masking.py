@@ -11,74 +11,17 @@ randomness) looks robust to gradient attacks without being robust. Three probes 
 * PGD at a huge eps (64/255): there every honest model falls to ~0%.
 * Square, which never uses gradients, at the same eps: it must not beat the white-box attacks.
 
-``masking_rows`` runs the probes and returns rows like ``robustness_sweep``'s, tagged with a
-``probe`` key; ``evaluate.sanity_flags`` judges them alongside the sweep's rows.
+``evaluate.masking_rows`` runs the probes and returns rows like ``robustness_sweep``'s, tagged
+with a ``probe`` key; ``masking_flags`` (through ``evaluate.sanity_flags``) judges them. This
+module imports nothing of the package, so ``evaluate`` can import it without a cycle.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-
-from torch import Tensor, nn
 
 # An eps at which every honest ImageNet-scale model is at ~0% under PGD.
 LARGE_EPS = 64 / 255
 # Robust accuracy at LARGE_EPS above this is suspicious.
 LARGE_EPS_MAX_ACC = 0.05
-
-
-def masking_rows(
-    model: nn.Module,
-    x01: Tensor,
-    y: Tensor,
-    *,
-    eps: float,
-    budgets: Sequence[tuple[int, int]] = ((1, 1), (4, 1), (20, 1)),
-    square_queries: int = 200,
-    large_eps: float = LARGE_EPS,
-    seed: int = 0,
-    batch_size: int = 16,
-) -> list[dict]:
-    """Run the probes on ``model``.
-
-    Args:
-        model: eval-mode classifier, (N, 3, H, W) in [0, 1] -> (N, K) logits.
-        x01: (N, 3, H, W) images in [0, 1]. y: (N,) labels.
-        eps: the L-inf budget of the budget and black-box probes (e.g. ``attack.report_eps``).
-        budgets: PGD (steps, restarts) pairs; steps of eps / 4, a random start only with
-            more than one restart.
-        square_queries: Square's budget per image (0: no black-box probe).
-        large_eps: the eps of the large-eps probe.
-
-    Returns:
-        Rows as ``robustness_sweep`` returns them plus ``probe`` ("pgd_budget", "large_eps",
-        "blackbox") and, for the budget probe, ``budget`` (gradients per image per restart x
-        restarts). Attack names say the budget: ``pgd_10x2`` is 10 steps, 2 restarts.
-    """
-    from transferlab.evaluate import robustness_sweep
-
-    def sweep(name: str, e: float, options: dict) -> dict:
-        (row,) = robustness_sweep(
-            model, x01, y, attacks=(name,), eps=(e,), batch_size=batch_size,
-            options={name: {"seed": seed, **options}}, label="masking probe",
-        )  # fmt: skip
-        return row
-
-    rows = []
-    for steps, restarts in budgets:
-        # early stop changes no verdict and saves the steps on fooled images
-        options = {"steps": steps, "restarts": restarts, "step_size": eps / 4}
-        row = sweep("pgd", eps, {**options, "random_start": restarts > 1, "early_stop": True})
-        rows.append(
-            {**row, "attack": f"pgd_{steps}x{restarts}", "probe": "pgd_budget",
-             "budget": steps * restarts}
-        )  # fmt: skip
-    row = sweep("pgd", large_eps, {"steps": max(s for s, _ in budgets), "early_stop": True})
-    rows.append({**row, "attack": "pgd_large_eps", "probe": "large_eps"})
-    if square_queries:
-        row = sweep("square", eps, {"max_queries": square_queries})
-        rows.append({**row, "attack": "square_probe", "probe": "blackbox"})
-    return rows
 
 
 def masking_flags(rows: list[dict]) -> list[dict]:

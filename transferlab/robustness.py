@@ -1,7 +1,9 @@
 """The attack stage's building blocks: which models, which inputs, shards, transfer, pictures.
 
-``transferlab.stages.attack`` composes these; the Prefect flow maps ``sweep_batch`` over the
-batches first (each call stores its finished shards), so the stage then only reads them back.
+``transferlab.stages.attack`` composes these through one ``AttackSession``, which loads each
+model once and decodes the test set once; the Prefect flow maps ``sweep_batch`` over the
+batches first (each call decodes only its batch and stores its finished shards), so the stage
+then only reads them back.
 A killed run resumes: finished shards are found in ``attack.work_dir`` by their content key
 (model weights digest + attack config + batch pixels and labels) and never recomputed.
 """
@@ -89,38 +91,47 @@ def load_attack_model(params: Params, root: Path, name: str) -> tuple[nn.Module,
     return model.eval(), classes, key
 
 
+def attack_rows(params: Params, root: Path) -> list[dict]:
+    """The split's test rows the attack stage uses: the first ``attack.max_images``."""
+    return [r for r in split_rows(root) if r["split"] == "test"][: params.attack.max_images]
+
+
+def input_spec(model: nn.Module):
+    """The backbone spec a model reads its images at (full fine-tuning may train smaller)."""
+    inner = getattr(model, "model", model)  # under an Autocast wrapper
+    return getattr(getattr(inner, "backbone", inner), "spec", None)
+
+
 def load_test_images(
-    params: Params, root: Path, classes: list[str], spec=None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``attack.max_images`` test images (N, 3, S, S) in [0, 1] and their labels."""
+    params: Params, root: Path, classes: list[str], spec=None, rows: list[dict] | None = None
+) -> tuple[Tensor, Tensor]:
+    """Decode ``rows`` (default: the attack's test rows) at ``spec``'s input size.
+
+    Returns:
+        x: (N, 3, H, W) in [0, 1]; y: (N,) indices into ``classes``.
+    """
     from transferlab.backbones import get_spec
     from transferlab.features import load_images
 
-    rows = [r for r in split_rows(root) if r["split"] == "test"][: params.attack.max_images]
+    rows = attack_rows(params, root) if rows is None else rows
     spec = spec or get_spec(params.features.backbone)
     x = load_images(
         [root / "data" / r["path"] for r in rows], spec, background=params.data.background
     )
-    y = torch.tensor([classes.index(r["label"]) for r in rows])
+    y = torch.tensor([classes.index(r["label"]) for r in rows], dtype=torch.long)
     return x, y
 
 
-def attack_inputs(params: Params, root: Path, name: str, model: nn.Module) -> tuple[Tensor, Tensor]:
-    """Test images (N, 3, H, W) in [0, 1] and the labels the attack on ``name`` uses.
-
-    Adapted models: the dataset labels. The ImageNet model: its own clean top-1 prediction
-    (no ImageNet labels for the dataset's images), so its "clean accuracy" is 1 and its robust
-    accuracy is the fraction of images whose top-1 ImageNet class survives the attack.
-    """
+def attack_labels(params: Params, name: str, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The labels an attack on ``name`` uses: the dataset's for adapted models; for the
+    ImageNet model its own clean top-1 prediction (no ImageNet labels for the dataset's images),
+    so its "clean accuracy" is 1 and its robust accuracy is the fraction of images whose top-1
+    ImageNet class survives the attack."""
     from transferlab.attacks.transfer import imagenet_labels
 
-    # each model at its own input size (full fine-tuning may train on smaller images)
-    inner = getattr(model, "model", model)  # under an Autocast wrapper
-    spec = getattr(getattr(inner, "backbone", inner), "spec", None)
-    x, y = load_test_images(params, root, dataset_classes(root), spec)
     if name == IMAGENET:
-        y = imagenet_labels(model, x, batch_size=params.attack.batch_size)
-    return x, y
+        return imagenet_labels(model, x, batch_size=params.attack.batch_size)
+    return y
 
 
 def _sweep(params: Params, root: Path, name: str, x: Tensor, y: Tensor, model, key) -> list[dict]:
@@ -144,7 +155,7 @@ def _sweep(params: Params, root: Path, name: str, x: Tensor, y: Tensor, model, k
 
 def _masking(params: Params, model: nn.Module, x: Tensor, y: Tensor) -> list[dict]:
     """The gradient-masking probe rows (``attack.masking``), or none when it is off."""
-    from transferlab.masking import masking_rows
+    from transferlab.evaluate import masking_rows
 
     ap, mp = params.attack, params.attack.masking
     if not mp.enabled:
@@ -164,59 +175,95 @@ def _masking(params: Params, model: nn.Module, x: Tensor, y: Tensor) -> list[dic
 
 def num_batches(params: Params, root: Path) -> int:
     """How many batches the attack stage splits the test images into (the Prefect map size)."""
-    n = min(sum(r["split"] == "test" for r in split_rows(root)), params.attack.max_images)
+    n = len(attack_rows(params, root))
     return (n + params.attack.batch_size - 1) // params.attack.batch_size
 
 
 def sweep_batch(params: Params, root: Path, name: str, batch: int) -> int:
     """Attack one batch of one model with every attack and eps; store its shards.
 
-    The unit of work the Prefect flow maps over. Returns the number of images attacked.
+    The unit of work the Prefect flow maps over: it decodes only its own batch's images.
+    Returns the number of images attacked.
     """
-    model, _, key = load_attack_model(params, root, name)
-    x, y = attack_inputs(params, root, name, model)
     bs = params.attack.batch_size
-    xb, yb = x[batch * bs : (batch + 1) * bs], y[batch * bs : (batch + 1) * bs]
-    if len(xb):
-        _sweep(params, root, name, xb, yb, model, key)
-    return len(xb)
-
-
-def sweep_model(params: Params, root: Path, name: str) -> tuple[list[dict], dict]:
-    """All rows for one model (shards already in the work folder are read, not recomputed),
-    and a precision check: with bf16, the clean agreement with fp32."""
-    from transferlab.evaluate import logits
-
+    rows = attack_rows(params, root)[batch * bs : (batch + 1) * bs]
+    if not rows:
+        return 0
     model, _, key = load_attack_model(params, root, name)
-    x, y = attack_inputs(params, root, name, model)
-    rows = [{"model": name, **r} for r in _sweep(params, root, name, x, y, model, key)]
-    rows += [{"model": name, **r} for r in _masking(params, model, x, y)]
-    check: dict = {}
-    if params.attack.precision == "bf16":
-        fp32 = model.model
-        agree = logits(fp32, x).argmax(1) == logits(model, x).argmax(1)
-        check = {"model": name, "bf16_fp32_agreement": float(agree.float().mean())}
-    return rows, check
+    x, y = load_test_images(params, root, dataset_classes(root), input_spec(model), rows)
+    _sweep(params, root, name, x, attack_labels(params, name, model, x, y), model, key)
+    return len(rows)
 
 
-def transfer(params: Params, root: Path) -> tuple[list[dict], dict[str, Tensor], Tensor]:
-    """The transfer matrix for ``attack.transfer``: rows, adversarials per source, clean x."""
-    from transferlab.attacks.transfer import imagenet_labels, transfer_matrix
+class AttackSession:
+    """One attack stage's models and test images: each model is loaded once and the test set
+    decoded once per input size, however many sweeps, transfer pairs and pictures use them."""
 
-    ap, tp = params.attack, params.attack.transfer
-    targets = {m: load_attack_model(params, root, m)[0] for m in ap.models if m != IMAGENET}
-    if not tp.sources or not targets:
-        return [], {}, torch.empty(0)
-    x, y = attack_inputs(params, root, next(iter(targets)), next(iter(targets.values())))
-    sources = {}
-    for s in tp.sources:
-        model = targets[s] if s in targets else load_attack_model(params, root, s)[0]
-        labels = imagenet_labels(model, x, batch_size=ap.batch_size) if s == IMAGENET else y
-        sources[s] = (model, labels)
-    rows, adversarials = transfer_matrix(
-        sources, targets, x, y, attack=transfer_attack(params), batch_size=ap.batch_size
-    )
-    return rows, adversarials, x
+    def __init__(self, params: Params, root: Path):
+        self.params, self.root = params, root
+        self._models: dict[str, tuple[nn.Module, list[str], str]] = {}
+        self._pixels: dict[object, tuple[Tensor, Tensor]] = {}
+        self._inputs: dict[str, tuple[Tensor, Tensor]] = {}
+        self._classes: list[str] | None = None
+
+    def model(self, name: str) -> tuple[nn.Module, list[str], str]:
+        """(eval-mode model, class names, weights key), loaded on first use."""
+        if name not in self._models:
+            self._models[name] = load_attack_model(self.params, self.root, name)
+        return self._models[name]
+
+    def inputs(self, name: str) -> tuple[Tensor, Tensor]:
+        """The test images at ``name``'s input size and the labels its attack uses."""
+        if name not in self._inputs:
+            model = self.model(name)[0]
+            spec = input_spec(model)
+            if spec not in self._pixels:
+                if self._classes is None:
+                    self._classes = dataset_classes(self.root)
+                self._pixels[spec] = load_test_images(self.params, self.root, self._classes, spec)
+            x, y = self._pixels[spec]
+            self._inputs[name] = (x, attack_labels(self.params, name, model, x, y))
+        return self._inputs[name]
+
+    def sweep(self, name: str) -> tuple[list[dict], dict]:
+        """All rows for one model (shards already in the work folder are read, not
+        recomputed), and a precision check: with bf16, the clean agreement with fp32."""
+        from transferlab.evaluate import logits
+
+        model, _, key = self.model(name)
+        x, y = self.inputs(name)
+        params, root = self.params, self.root
+        rows = [{"model": name, **r} for r in _sweep(params, root, name, x, y, model, key)]
+        rows += [{"model": name, **r} for r in _masking(params, model, x, y)]
+        check: dict = {}
+        if params.attack.precision == "bf16":
+            agree = logits(model.model, x).argmax(1) == logits(model, x).argmax(1)
+            check = {"model": name, "bf16_fp32_agreement": float(agree.float().mean())}
+        return rows, check
+
+    def transfer(self) -> tuple[list[dict], dict[str, Tensor], Tensor]:
+        """The transfer matrix for ``attack.transfer``: rows, adversarials per source, clean x."""
+        from transferlab.attacks.transfer import transfer_matrix
+
+        ap, tp = self.params.attack, self.params.attack.transfer
+        names = [m for m in ap.models if m != IMAGENET]
+        if not tp.sources or not names:
+            return [], {}, torch.empty(0)
+        targets = {m: self.model(m)[0] for m in names}
+        x, y = self.inputs(names[0])
+        sources = {}
+        for s in tp.sources:
+            model = self.model(s)[0]
+            labels = attack_labels(self.params, s, model, x, y)
+            sources[s] = (model, labels)
+        rows, adversarials = transfer_matrix(
+            sources, targets, x, y, attack=transfer_attack(self.params), batch_size=ap.batch_size
+        )
+        return rows, adversarials, x
+
+    def grid(self, name: str, attack_name: str, eps: float) -> list[dict]:
+        """See ``grid_examples``."""
+        return grid_examples(self, name, attack_name, eps)
 
 
 def transfer_attack(params: Params) -> Attack:
@@ -231,18 +278,16 @@ def transfer_attack(params: Params) -> Attack:
     return make_attack(tp.attack, eps=tp.eps, **kwargs)
 
 
-def grid_examples(
-    params: Params, root: Path, name: str, attack_name: str, eps: float
-) -> list[dict]:
+def grid_examples(session: AttackSession, name: str, attack_name: str, eps: float) -> list[dict]:
     """A few adversarial examples of ``attack_name`` at ``eps`` on model ``name``, captioned
     with the predicted label and confidence before and after (for ``plot_adversarial_grid``)."""
     from transferlab.attacks import make_attack
 
-    ap = params.attack
+    ap = session.params.attack
     if ap.grid_images == 0:
         return []
-    model, classes, _ = load_attack_model(params, root, name)
-    x, y = attack_inputs(params, root, name, model)
+    model, classes, _ = session.model(name)
+    x, y = session.inputs(name)
     x, y = x[: ap.grid_images], y[: ap.grid_images]
     attack = make_attack(attack_name, eps=eps, **ap.attack_kwargs(attack_name))
     x_adv = attack(model, x, y).x_adv

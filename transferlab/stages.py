@@ -181,13 +181,14 @@ def attack(params: Params, root: Path) -> dict:
     from transferlab.evaluate import attack_evidence, sanity_flags, scalar_fields
     from transferlab.gate import images_digest
     from transferlab.report import plot_adversarial_grid, plot_transfer_matrix
-    from transferlab.robustness import grid_examples, sweep_model, transfer
+    from transferlab.robustness import AttackSession
 
     ap = params.attack
+    session = AttackSession(params, root)  # each model loaded, test set decoded, once
     rows: list[dict] = []
     checks: list[dict] = []
     for method in ap.models:
-        model_rows, check = sweep_model(params, root, method)
+        model_rows, check = session.sweep(method)
         rows.extend(model_rows)
         if check:
             checks.append(check)
@@ -224,12 +225,12 @@ def attack(params: Params, root: Path) -> dict:
         ],
     )
 
-    t_rows, _, _ = transfer(params, root)
+    t_rows, _, _ = session.transfer()
     write_json(root / TRANSFER_METRICS, {"matrix": t_rows})
     plot_transfer_matrix(t_rows, root / TRANSFER_PNG)
     preferred = [a for a in ("pgd", "mifgsm", "bim", "fgsm") if a in ap.attacks] or [ap.attacks[0]]
     plot_adversarial_grid(
-        grid_examples(params, root, ap.models[0], preferred[0], ap.report_eps),
+        session.grid(ap.models[0], preferred[0], ap.report_eps),
         root / ADVERSARIAL_PNG,
     )
     write_json(

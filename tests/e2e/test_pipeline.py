@@ -111,7 +111,7 @@ def test_second_dvc_repro_is_a_no_op(dvc_workspace):
 def test_prefect_flow_gives_the_same_metrics_and_caches(tmp_path, tiny_dataset, dvc_workspace):
     from prefect.testing.utilities import prefect_test_harness
 
-    from flows.pipeline import pipeline
+    from transferlab_flows.pipeline import pipeline
 
     ws = write_workspace(tmp_path / "prefect_ws", tiny_params(tiny_dataset))
     with prefect_test_harness(server_startup_timeout=60):

@@ -34,7 +34,7 @@ def free_port() -> int:
 def restore_environ():
     """Each test leaves os.environ as it found it, even when it fails halfway: later modules'
     subprocesses would inherit a leak. The same guard the flow puts around its runners."""
-    from flows.features import restored_environ
+    from transferlab_flows.features import restored_environ
 
     with restored_environ():
         yield
@@ -53,7 +53,7 @@ def dask_cluster(tmp_path_factory):
     scratch = tmp_path_factory.mktemp("dask")
     port = free_port()
     address = f"tcp://127.0.0.1:{port}"
-    # the workers import tasks/ and transferlab/ from this checkout
+    # the workers import transferlab_flows/ and transferlab/ from this checkout
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     bindir = Path(sys.executable).parent
     procs = [
@@ -132,7 +132,7 @@ def ray_head(ray_env):
     port, client_port = free_port(), free_port()
     env = {
         **os.environ,
-        # the workers import tasks/ and transferlab/ from this checkout
+        # the workers import transferlab_flows/ and transferlab/ from this checkout
         "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
         # the Ray Client proxy forks a server per client while its gRPC threads run; with gRPC's
         # fork handlers on, about 1 in 5 of those servers died at birth here (ray 2.60, grpcio
@@ -204,7 +204,7 @@ def local_features(tmp_path_factory, tiny_dataset) -> np.ndarray:
 
 
 def run_through(ws: Path, tiny_dataset, runner: dict) -> tuple[dict, np.ndarray, list[dict]]:
-    from flows.features import run_feature_shards
+    from transferlab_flows.features import run_feature_shards
 
     write_workspace(ws, tiny_params(tiny_dataset, runner=runner))
     params = load_params(ws / "params.yaml")

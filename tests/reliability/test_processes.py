@@ -39,7 +39,7 @@ def _children(pid: int) -> list[int]:
 _HOLDS_SERVER = textwrap.dedent(
     """
     import sys, time
-    from flows.ephemeral import prefect_api
+    from transferlab_flows.ephemeral import prefect_api
     if sys.argv[1] == "serving":
         with prefect_api(timeout=240) as url:
             print(url, flush=True)
@@ -110,7 +110,7 @@ def test_slow_prefect_start_fails_clearly(case, probe, tmp_path, tiny_dataset):
         code = textwrap.dedent(
             """
             import os
-            from flows.ephemeral import prefect_api, ServerStartFailed
+            from transferlab_flows.ephemeral import prefect_api, ServerStartFailed
             try:
                 with prefect_api():
                     raise SystemExit("started")
@@ -147,8 +147,8 @@ _MARK = textwrap.dedent(
     import json, sys
     from prefect import get_client
     from prefect.states import Running
-    from flows.ephemeral import prefect_api
-    from flows.pipeline import mark_abandoned_runs, pipeline
+    from transferlab_flows.ephemeral import prefect_api
+    from transferlab_flows.pipeline import mark_abandoned_runs, pipeline
 
     here, elsewhere = sys.argv[1], sys.argv[2]
     with prefect_api(timeout=240):

@@ -49,8 +49,8 @@ def test_runner_section_picks_the_task_runner_and_shard_count(monkeypatch):
     from prefect_dask import DaskTaskRunner
     from prefect_ray import RayTaskRunner
 
-    from flows.features import build_task_runner, n_shards, scratch_dir
     from transferlab.config import RunnerParams
+    from transferlab_flows.features import build_task_runner, n_shards, scratch_dir
 
     local = RunnerParams()
     assert isinstance(build_task_runner(local), ThreadPoolTaskRunner) and n_shards(local) == 1

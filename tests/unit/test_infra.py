@@ -57,7 +57,7 @@ def test_nightly_is_a_valid_cron_schedule(prefect_yaml):
     nightly = next(d for d in prefect_yaml["deployments"] if d["name"] == "nightly-retrain")
     (schedule,) = nightly["schedules"]
     CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])  # raises if invalid
-    assert nightly["entrypoint"] == "flows/pipeline.py:pipeline"
+    assert nightly["entrypoint"] == "transferlab_flows/pipeline.py:pipeline"
 
 
 def test_bootstrap_script_parses_and_sets_the_heavy_limit():
@@ -69,7 +69,7 @@ def test_bootstrap_script_parses_and_sets_the_heavy_limit():
 
 
 def test_heavy_stages_carry_the_limited_tag():
-    from tasks.stages import HEAVY_TAG, stage_tags
+    from transferlab_flows.tasks.stages import HEAVY_TAG, stage_tags
 
     assert HEAVY_TAG == "heavy"
     assert "heavy" in stage_tags("features") and "heavy" in stage_tags("attack")

@@ -90,9 +90,9 @@ def test_results_table_fits_80_columns_with_distinct_headers():
 
 
 def test_deterministic_errors_are_not_retried():
-    from tasks.stages import retry_transient
     from transferlab.config import ParamsError
     from transferlab.data.sources import DataSourceError
+    from transferlab_flows.tasks.stages import retry_transient
 
     class State:
         def __init__(self, data):

@@ -39,7 +39,7 @@ from pathlib import Path
 import echo_method  # registers before the config is built
 from transferlab.config import load_params, ParamsError
 from transferlab.stages import STAGES, check_dvc_yaml
-from tasks.stages import HEAVY_STAGES
+from transferlab_flows.tasks.stages import HEAVY_STAGES
 import typer
 from transferlab.cli import app
 

@@ -380,7 +380,8 @@ def run(params, root: Path) -> dict:
     from transferlab.backbones import load_backbone
     from transferlab.classifiers.base import Classifier, save_classifier
     from transferlab.classifiers.training import spec_at_size, split_metrics
-    from transferlab.layout import PARTS, dataset_classes, split_images
+    from transferlab.features import split_images
+    from transferlab.layout import PARTS, dataset_classes
     from transferlab.methods import METHODS
 
     method = METHODS["full"]

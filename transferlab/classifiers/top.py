@@ -185,7 +185,8 @@ def run(params, root: Path) -> dict:
     from transferlab.backbones import load_backbone
     from transferlab.classifiers.base import Classifier, save_classifier
     from transferlab.classifiers.training import split_metrics, trained_parameters
-    from transferlab.layout import PARTS, labelled_features, split_images
+    from transferlab.features import split_images
+    from transferlab.layout import PARTS, labelled_features
     from transferlab.methods import METHODS
 
     method = METHODS["top"]

@@ -29,7 +29,7 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
-from transferlab.data.sources import DataSourceError
+from transferlab.data.files import DataSourceError
 from transferlab.progress import progress
 
 log = logging.getLogger(__name__)

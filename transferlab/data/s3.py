@@ -18,7 +18,7 @@ from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
 from transferlab.config import S3Source
-from transferlab.data.sources import IMAGE_EXTENSIONS, DataSourceError, _is_junk
+from transferlab.data.files import IMAGE_EXTENSIONS, DataSourceError, is_junk
 from transferlab.names import UnsafeName, data_path
 from transferlab.progress import progress
 
@@ -145,7 +145,7 @@ def _list(
                 log.warning("not downloading s3://%s/%s: %s", bucket, obj["Key"], exc.reason)
                 refused.append((obj["Key"], f"unsafe name: {exc}"))
                 continue
-            if len(parts) < 2 or any(_is_junk(p) for p in parts):
+            if len(parts) < 2 or any(is_junk(p) for p in parts):
                 continue  # objects at the prefix root have no class; .DS_Store, __MACOSX/
             classes.add(parts[0])
             objects.append(

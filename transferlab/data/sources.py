@@ -23,36 +23,24 @@ from transferlab.config import (
     TorchvisionSource,
     TuxpaintSource,
 )
+from transferlab.data.files import IMAGE_EXTENSIONS, DataSourceError, is_junk
 from transferlab.names import UnsafeName, data_name, data_path
-from transferlab.redact import redact
+
+__all__ = ["IMAGE_EXTENSIONS", "DataSourceError", "SourceFile", "list_source"]
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
 TUXPAINT_EXTENSIONS = frozenset({".png", ".jpg"})
 # Tux Paint ships flipped copies of some stamps; they would be near-duplicates across splits.
 TUXPAINT_SKIP_NAME_PARTS = ("_mirror", "_flip")
 # Drawings, not photos, in a preset whose point is photos.
 TUXPAINT_SKIP_FOLDERS = frozenset({"cartoon"})
-# Litter that operating systems and archivers leave in folders.
-_JUNK_NAMES = frozenset({"__macosx", "thumbs.db", "desktop.ini", ".ds_store"})
 
 TUXPAINT_HINT = (
     "install Debian's tuxpaint-stamps-default "
     "(apt-get install --no-install-recommends tuxpaint-stamps-default) "
     "or point data.source at a folder: {kind: folder, path: ...}"
 )
-
-
-class DataSourceError(RuntimeError):
-    """The data source cannot give a usable dataset; the message is one line saying what to do.
-
-    Credentials in any URL of the message are masked: it is printed, logged and stored by
-    Prefect as the failed task's state message.
-    """
-
-    def __init__(self, message: str) -> None:
-        super().__init__(redact(str(message)))
 
 
 @dataclass(frozen=True)
@@ -118,10 +106,6 @@ def list_source(source, scratch: Path | None = None) -> tuple[list[SourceFile], 
     raise DataSourceError(f"unknown data source kind {getattr(source, 'kind', source)!r}")
 
 
-def _is_junk(name: str) -> bool:
-    return name.startswith(".") or name.lower() in _JUNK_NAMES
-
-
 def _walk_images(
     top: Path, extensions: frozenset[str], skip_dirs: frozenset[str] = frozenset()
 ) -> list[Path]:
@@ -146,7 +130,7 @@ def _walk_entries(
         except OSError:
             continue  # unreadable folder: like os.walk, nothing to list
         for e in entries:
-            if _is_junk(e.name):
+            if is_junk(e.name):
                 continue
             if e.is_dir(follow_symlinks=False):
                 if e.name.lower() not in skip_dirs:
@@ -171,7 +155,7 @@ def _list_folder(
     classes: list[str] = []
     loose = 0
     for entry in sorted(root.iterdir()):
-        if _is_junk(entry.name):
+        if is_junk(entry.name):
             continue
         if not entry.is_dir():
             loose += 1

@@ -8,7 +8,7 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from transferlab.data.sources import DataSourceError
+from transferlab.data.files import DataSourceError
 from transferlab.progress import progress
 
 log = logging.getLogger(__name__)

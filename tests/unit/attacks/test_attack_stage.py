@@ -58,7 +58,7 @@ def test_attack_stage_outputs(attacked) -> None:
 
 
 def test_attack_stage_resumes_from_shards(attacked) -> None:
-    from transferlab.robustness import sweep_model
+    from transferlab.robustness import AttackSession
 
     ws, params, _ = attacked
     shards = sorted((ws / params.attack.work_dir).rglob("*.json"))
@@ -67,7 +67,7 @@ def test_attack_stage_resumes_from_shards(attacked) -> None:
     stamps = [p.stat().st_mtime_ns for p in shards]
     rows = [r for r in _csv_rows(ws) if r["model"] == "svm"]
     shards[0].unlink()  # as if killed before this shard finished
-    again, _ = sweep_model(params, ws, "svm")
+    again, _ = AttackSession(params, ws).sweep("svm")
     after = sorted((ws / params.attack.work_dir).rglob("*.json"))
     assert len(after) == 8
     assert [p.stat().st_mtime_ns for p in after[1:]] == stamps[1:]  # only the lost one redone

@@ -8,8 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from tests.unit.attacks.conftest import make_tiny_cnn, random_images
-from transferlab.evaluate import sanity_flags
-from transferlab.masking import masking_rows
+from transferlab.evaluate import masking_rows, sanity_flags
 
 CHECKS = {
     "blackbox": "black-box robust >= white-box",

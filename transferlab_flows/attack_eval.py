@@ -10,8 +10,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from tasks.registry import attack_registered_model
 from transferlab.config import load_params
+from transferlab_flows.tasks.registry import attack_registered_model
 
 
 @flow(name="transferlab-attack-eval", log_prints=True)

@@ -1,7 +1,7 @@
 """The learning-curve experiment as a Prefect flow: the same function the CLI and
 ``dvc repro experiments/learning_curve`` run (``transferlab.experiments.learning_curve``).
 
-Run it with ``python -m flows.learning_curve --params params.yaml``.
+Run it with ``python -m transferlab_flows.learning_curve --params params.yaml``.
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from flows.pipeline import lineage_context
 from transferlab.config import load_params
+from transferlab_flows.pipeline import lineage_context
 
 
 @task(name="learning-curve", retries=0)

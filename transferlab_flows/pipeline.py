@@ -1,7 +1,8 @@
 """The end-to-end pipeline as a Prefect flow: the same stage functions ``dvc repro`` runs.
 
-Run it with ``transferlab run`` or ``python -m flows.pipeline``; without PREFECT_API_URL, Prefect
-starts a temporary local server (ephemeral mode), so nothing needs to be running.
+Run it with ``transferlab run`` or ``python -m transferlab_flows.pipeline``; without
+PREFECT_API_URL, Prefect starts a temporary local server (ephemeral mode), so nothing needs to be
+running.
 """
 
 from __future__ import annotations
@@ -13,10 +14,14 @@ from pathlib import Path
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 
-from flows.ephemeral import prefect_api
-from flows.features import run_feature_shards
-from tasks.attack import map_attack_batches
-from tasks.stages import (
+from transferlab.config import load_params
+from transferlab.stages import STAGES
+from transferlab.tracking import check_tracking_store
+from transferlab.workspace import workspace_lock
+from transferlab_flows.ephemeral import prefect_api
+from transferlab_flows.features import run_feature_shards
+from transferlab_flows.tasks.attack import map_attack_batches
+from transferlab_flows.tasks.stages import (
     CONTEXT_STAGES,
     DEFAULT_TIMEOUT,
     RETRIES,
@@ -25,10 +30,6 @@ from tasks.stages import (
     run_stage,
     stage_tags,
 )
-from transferlab.config import load_params
-from transferlab.stages import STAGES
-from transferlab.tracking import check_tracking_store
-from transferlab.workspace import workspace_lock
 
 log = logging.getLogger(__name__)
 

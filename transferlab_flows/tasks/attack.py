@@ -11,10 +11,10 @@ from pathlib import Path
 
 from prefect import task, unmapped
 
-from tasks.stages import retry_transient
 from transferlab.config import load_params
 from transferlab.progress import in_stage
 from transferlab.robustness import num_batches, sweep_batch
+from transferlab_flows.tasks.stages import retry_transient
 
 
 @task(retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_transient)

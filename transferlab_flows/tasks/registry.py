@@ -6,9 +6,9 @@ from pathlib import Path
 
 from prefect import task
 
-from tasks.stages import HEAVY_TAG, NETWORK_TAG, retry_transient
 from transferlab.config import load_params
 from transferlab.stages import attack_registered
+from transferlab_flows.tasks.stages import HEAVY_TAG, NETWORK_TAG, retry_transient
 
 
 # No result cache: the same alias can point at a new version tomorrow.

@@ -19,9 +19,9 @@ from pathlib import Path
 from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from tasks.stages import run_feature_shard
 from transferlab.cache import record_run
 from transferlab.config import RunnerParams, load_params
+from transferlab_flows.tasks.stages import run_feature_shard
 
 
 def n_shards(runner: RunnerParams) -> int:

@@ -80,7 +80,7 @@ def prefect_api(*, timeout: float | None = None) -> Iterator[str]:
         ).rstrip(os.pathsep),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-m", "flows.ephemeral", str(port), str(os.getpid())],
+        [sys.executable, "-m", "transferlab_flows.ephemeral", str(port), str(os.getpid())],
         stdin=subprocess.PIPE,  # the lifeline: closed by the kernel when this process dies
         env=env,
     )
