@@ -628,7 +628,11 @@ def results_table(rows: list[dict], *, report_eps: float) -> Table:
         padding=(0, 1),
         pad_edge=False,
     )
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    # 80 columns leave no room for intervals: results.json and the HTML report carry them
+    every = list(dict.fromkeys(k for row in rows for k in row))
+    keys = [k for k in every if not k.endswith(("_ci_low", "_ci_high"))]
+    if len(keys) < len(every):
+        table.caption = "95% intervals and paired tests: reports/index.html, What to ship"
     for key in keys:
         numeric = all(isinstance(r.get(key), int | float | type(None)) for r in rows)
         header = _header(key, eps)

@@ -20,6 +20,7 @@ from PIL import Image
 from transferlab.atomic import atomic_write
 
 SECTIONS = (
+    ("ship", "What to ship"),
     ("data", "Data"),
     ("ladder", "Transfer ladder"),
     ("robustness", "Robustness curves"),
@@ -145,17 +146,84 @@ def _data_section(root: Path, thumbs_per_class: int) -> str:
     return f"{table}{rej_html}<h3>Samples per class</h3>{''.join(grids)}"
 
 
+def _interval(low: float | None, high: float | None) -> str:
+    if low is None or high is None:
+        return ""
+    return f' <span class="muted">[{low:.3f}, {high:.3f}]</span>'
+
+
+def _acc(entry: dict | None) -> str:
+    """``0.733 [0.590, 0.840]`` from {"acc", "ci"}; "–" when not measured."""
+    if not entry or entry.get("acc") is None:
+        return "–"
+    ci = entry.get("ci") or [None, None]
+    return f"{entry['acc']:.3f}{_interval(ci[0], ci[1])}"
+
+
+_VERSUS = {"best": "best", "tie": "tie", "loss": "significantly lower", "win": "higher"}
+
+
+def _ship_section(results: dict | None) -> str:
+    ship = (results or {}).get("ship")
+    if not ship:
+        return _missing(
+            "No verdict yet: the methods have not been trained and attacked.", "transferlab run"
+        )
+    under = f"{ship.get('attack') or 'the gate attack'} at {ship['eps'].removeprefix('eps_')}"
+    head = f"<p><b>Ship <code>{_esc(ship['recommended'])}</code></b>: {_esc(ship['why'])}.</p>" + (
+        f"<p>A <b>tie</b> (no significant difference, paired McNemar test at level "
+        f"{ship['alpha']:g}) with: {_esc(', '.join(ship['ties']))}.</p>"
+        if ship["ties"]
+        else ""
+    )
+
+    def cells(e: dict, kind: str) -> str:
+        versus = e[f"{kind}_vs_best"]
+        return f'<td class="num">{_acc(e[kind])}</td><td>{_esc(_VERSUS.get(versus, versus))}</td>'
+
+    rows = "".join(
+        f"<tr><td>{_esc(m)}{' <b>(ship)</b>' if m == ship['recommended'] else ''}</td>"
+        f"{cells(e, 'clean')}{cells(e, 'robust')}</tr>"
+        for m, e in ship["methods"].items()
+    )
+    table = (
+        "<table><tr><th>method</th><th>clean accuracy [95% CI]</th><th>vs best</th>"
+        f"<th>robust accuracy, {_esc(under)} [95% CI]</th><th>vs best</th></tr>{rows}</table>"
+    )
+    gate_rows = "".join(
+        f"<tr><td>{_esc(m)}</td><td><b>{_esc(g['decision'])}</b></td>"
+        f"<td>{_esc(g['champion_version'] or 'none yet')}</td>"
+        f"<td>{'<br>'.join(_esc(r) for r in g['reasons'])}</td></tr>"
+        for m, g in (ship.get("gate") or {}).items()
+    )
+    gate = (
+        "<h3>Promotion gate (champion)</h3><p>Judged under "
+        f"{_esc(under)}: an image counts as robust only if it survives every attack listed. "
+        "The champion changes only on significant differences.</p>"
+        "<table><tr><th>method</th><th>gate decision</th><th>current champion</th>"
+        f"<th>why</th></tr>{gate_rows}</table>"
+        if gate_rows
+        else ""
+    )
+    return head + table + gate
+
+
 def _ladder_section(results: dict | None, root: Path) -> str:
     rows = (results or {}).get("table") or []
     if not rows:
         return _missing("No method has been trained and reported yet.", "transferlab run")
-    keys = list(dict.fromkeys(k for row in rows for k in row))
+    # an accuracy's 95% interval goes into its cell, not into columns of its own
+    keys = [
+        k
+        for k in dict.fromkeys(k for row in rows for k in row)
+        if not k.endswith(("_ci_low", "_ci_high"))
+    ]
     head = "".join(f"<th>{_esc(k)}</th>" for k in keys)
     body = "".join(
         "<tr>"
         + "".join(
             f'<td class="{"num" if isinstance(row.get(k), int | float) else ""}">'
-            f"{_fmt(row.get(k))}</td>"
+            f"{_fmt(row.get(k))}{_interval(row.get(f'{k}_ci_low'), row.get(f'{k}_ci_high'))}</td>"
             for k in keys
         )
         + "</tr>"
@@ -163,7 +231,7 @@ def _ladder_section(results: dict | None, root: Path) -> str:
     )
     return (
         "<p>Each method adapts the same ImageNet backbone. Robust accuracy is measured at the "
-        "configured report eps.</p>"
+        "configured report eps. Brackets: 95% Wilson interval over the test images.</p>"
         f"<table><tr>{head}</tr>{body}</table>"
     )
 
@@ -280,6 +348,7 @@ def write_html_report(root: Path, out: Path, *, title: str, thumbs_per_class: in
     """Render every section from the workspace ``root`` into one HTML file (atomically)."""
     results = _read_json(root / "reports/results.json")
     bodies = {
+        "ship": _ship_section(results),
         "data": _data_section(root, thumbs_per_class),
         "ladder": _ladder_section(results, root),
         "robustness": _plots_section(

@@ -50,13 +50,16 @@ def results_table(
     metrics_by_method: dict[str, dict], attack_rows: list[dict], report_eps: float
 ) -> list[dict]:
     """The transfer ladder: one row per method with accuracies, robust accuracy per attack at
-    ``report_eps``, training time, trained parameters and the training-set regime."""
+    ``report_eps``, each with its 95% interval (``*_ci_low``, ``*_ci_high``), training time,
+    trained parameters and the training-set regime."""
     table = []
     for method, m in metrics_by_method.items():
         per_class = m.get("per_class_test_acc") or {}
         row = {
             "method": method,
             "test_acc": m.get("test_acc"),
+            "test_acc_ci_low": m.get("test_acc_ci_low"),
+            "test_acc_ci_high": m.get("test_acc_ci_high"),
             "val_acc": m.get("val_acc"),
             "train_seconds": m.get("train_seconds", m.get("fit_seconds")),
             "trained_params": m.get("trained_parameters"),
@@ -65,6 +68,9 @@ def results_table(
         for r in attack_rows:
             if r["model"] == method and abs(r["eps"] - report_eps) < 1e-9:
                 row[f"robust_acc_{r['attack']}"] = r["robust_acc"]
+                for end in ("ci_low", "ci_high"):
+                    if f"robust_acc_{end}" in r:
+                        row[f"robust_acc_{r['attack']}_{end}"] = r[f"robust_acc_{end}"]
         table.append(row)
     return table
 
@@ -170,13 +176,19 @@ def attach_robustness(record, rows: list[dict], *, report_eps: float | None = No
 
     One series per attack (``series_key``; step = eps * 255, so the MLflow UI charts robust
     accuracy against eps), one scalar per attack and eps, and the headline scalar at
-    ``report_eps`` (``summary_key``).
+    ``report_eps`` (``summary_key``); each scalar with its 95% interval (``*_ci_low``,
+    ``*_ci_high``).
     """
     for r in rows:
         if r["model"] == record.name:
             record.series.setdefault(series_key(r["attack"]), []).append(
                 (round(r["eps"] * 255), r["robust_acc"])
             )
-            record.metrics[f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"] = r["robust_acc"]
+            keys = [f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"]
             if report_eps is not None and abs(r["eps"] - report_eps) < 1e-9:
-                record.metrics[summary_key(r["attack"], report_eps)] = r["robust_acc"]
+                keys.append(summary_key(r["attack"], report_eps))
+            for key in keys:
+                record.metrics[key] = r["robust_acc"]
+                for end in ("ci_low", "ci_high"):
+                    if f"robust_acc_{end}" in r:
+                        record.metrics[f"{key}_{end}"] = r[f"robust_acc_{end}"]

@@ -325,7 +325,8 @@ def report(params: Params, root: Path, *, context: dict[str, str] | None = None)
         methods=records,
         artifacts=[plot, root / ROBUSTNESS_CSV, *(p for p in attack_plots if p.exists())],
     )
-    write_json(root / RESULTS, {"table": table, "mlflow": ids, "tags": tags})
+    ship = _what_to_ship(params, root, metrics_by_method)
+    write_json(root / RESULTS, {"table": table, "ship": ship, "mlflow": ids, "tags": tags})
     write_html_report(root, root / REPORT_HTML, title=f"transferlab: {params.tracking.experiment}")
     return {"table": table, "mlflow": ids, "html": str(root / REPORT_HTML)}
 
@@ -339,6 +340,31 @@ def _flag_sentence(flag: dict) -> str:
     verdict = "failed" if flag["level"] == "fail" else "needs a look"
     detail = f" ({', '.join(where)})" if where else ""
     return f"Sanity check {verdict}: {flag['check']}{detail}."
+
+
+def _what_to_ship(params: Params, root: Path, metrics_by_method: dict[str, dict]) -> dict:
+    """The report's verdict (``transferlab.verdict``) and the gate's decision for each attacked
+    method against its current champion, under the gate's (strongest) attack."""
+    from transferlab.gate import decide, gate_metrics
+    from transferlab.tracking import champion_of
+    from transferlab.verdict import what_to_ship
+
+    attack_json = read_json(root / ATTACK_METRICS)
+    ship = what_to_ship(metrics_by_method, attack_json, params.gate)
+    ship["gate"] = {}
+    for method in params.attack.models:
+        if method not in metrics_by_method:
+            continue  # e.g. the ImageNet model: nothing is registered for it
+        candidate = gate_metrics(attack_json, method, params.gate.attack, params.gate.eps)
+        version, champion = champion_of(params, root, method)
+        decision = decide(candidate, champion, params.gate)
+        ship["gate"][method] = {
+            "decision": decision.decision,
+            "reasons": list(decision.reasons),
+            "champion_version": version,
+            "judged_under": candidate.attack,
+        }
+    return ship
 
 
 def gate(params: Params, root: Path, *, context: dict[str, str] | None = None) -> dict:

@@ -116,8 +116,16 @@ def test_ladder_rows_carry_time_parameters_and_regime():
             "per_class_test_acc": {"a": 1.0, "b": 0.6},
         },
     }
+    metrics["svm"] |= {"test_acc_ci_low": 0.6, "test_acc_ci_high": 0.98}
     rows = [
-        {"model": "svm", "attack": "fgsm", "eps": 4 / 255, "robust_acc": 0.5},
+        {
+            "model": "svm",
+            "attack": "fgsm",
+            "eps": 4 / 255,
+            "robust_acc": 0.5,
+            "robust_acc_ci_low": 0.3,
+            "robust_acc_ci_high": 0.7,
+        },
         {"model": "full", "attack": "fgsm", "eps": 4 / 255, "robust_acc": 0.25},
         {"model": "full", "attack": "fgsm", "eps": 8 / 255, "robust_acc": 0.0},
     ]
@@ -126,6 +134,8 @@ def test_ladder_rows_carry_time_parameters_and_regime():
     assert table[0]["train_seconds"] == 0.2 and table[1]["train_seconds"] == 9.0
     assert table[1]["robust_acc_fgsm"] == 0.25 and table[1]["trained_params"] == 99
     assert table[0]["regime"] == "5/class: few (< 25)"
+    assert (table[0]["test_acc_ci_low"], table[0]["test_acc_ci_high"]) == (0.6, 0.98)
+    assert (table[0]["robust_acc_fgsm_ci_low"], table[0]["robust_acc_fgsm_ci_high"]) == (0.3, 0.7)
 
 
 @pytest.mark.slow

@@ -76,6 +76,10 @@ def test_results_table_fits_80_columns_with_distinct_headers():
         "regime": "6/class: few (< 25)",
         "robust_acc_fgsm": 0.167,
         "robust_acc_pgd": 0.1,
+        "robust_acc_pgd_ci_low": 0.05,
+        "robust_acc_pgd_ci_high": 0.2,
+        "test_acc_ci_low": 0.2,
+        "test_acc_ci_high": 0.47,
     }
     table = results_table([row, {**row, "method": "svm"}], report_eps=4 / 255)
     buf = io.StringIO()
@@ -87,6 +91,8 @@ def test_results_table_fits_80_columns_with_distinct_headers():
     assert {"fgsm@4/255", "pgd@4/255"} <= set(headers)
     text = buf.getvalue()
     assert "fgsm@4/255" in text and "pgd@4/255" in text and "…" not in text
+    # no room for intervals in 80 columns: the caption says where they are
+    assert not any("ci" in h for h in headers) and "reports/index.html" in text
 
 
 def test_deterministic_errors_are_not_retried():

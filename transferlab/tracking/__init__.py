@@ -14,7 +14,7 @@ The names below are the public API; import them from ``transferlab.tracking``.
 """
 
 from transferlab.tracking.attack_eval import log_attack_eval
-from transferlab.tracking.gate import apply_gate
+from transferlab.tracking.gate import apply_gate, champion_of
 from transferlab.tracking.learning_curve import log_learning_curve
 from transferlab.tracking.pipeline import MODEL_REQUIREMENTS, MethodRecord, log_pipeline_run
 from transferlab.tracking.queries import UI_ENV, recent_runs, ui_command
@@ -45,6 +45,7 @@ __all__ = [
     "TrackingUnavailable",
     "UI_ENV",
     "apply_gate",
+    "champion_of",
     "check_tracking_store",
     "close_orphaned_runs",
     "get_model_version",

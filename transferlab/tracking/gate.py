@@ -13,6 +13,32 @@ from transferlab.tracking.store import scoped_tracking
 log = logging.getLogger(__name__)
 
 
+def _current_champion(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def _champion_metrics(version):
+    from transferlab.gate import from_tags
+
+    return from_tags(version.tags)
+
+
+@scoped_tracking
+def champion_of(params: Params, workdir: Path, method: str) -> tuple[str | None, object]:
+    """(version, ``transferlab.gate.GateMetrics``) of ``method``'s current champion, or
+    (None, None): what the report shows the gate's decision against."""
+    client = _client(params, workdir)
+    current = _current_champion(client, registered_name(params, method), params.gate.alias)
+    if current is None:
+        return None, None
+    return str(current.version), _champion_metrics(current)
+
+
 @scoped_tracking
 def apply_gate(
     params: Params, workdir: Path, method: str, version: str, candidate, *, move_alias: bool = True
@@ -30,18 +56,13 @@ def apply_gate(
     Returns:
         {"model", "version", "decision", "reasons", "champion_before", "champion_after", ...}
     """
-    from mlflow.exceptions import MlflowException
-
-    from transferlab.gate import decide, from_tags, to_tags
+    from transferlab.gate import decide, to_tags
 
     gp = params.gate
     client = _client(params, workdir)
     name = registered_name(params, method)
-    try:
-        current = client.get_model_version_by_alias(name, gp.alias)
-    except MlflowException:
-        current = None
-    champion = None if current is None else from_tags(current.tags)
+    current = _current_champion(client, name, gp.alias)
+    champion = None if current is None else _champion_metrics(current)
     decision = decide(candidate, champion, gp)
     record = {
         "model": name,
