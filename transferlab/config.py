@@ -365,7 +365,7 @@ class FeaturesParams(Section):
 class LearningCurveParams(Section):
     """``transferlab experiment learning-curve``: every method on the same nested subsets of
     Fashion-MNIST (Debian ``dataset-fashion-mnist`` IDX files), one held-out test set, intervals
-    over seeds and test images (``docs/learning_curve.md``)."""
+    over seeds and test images (``docs/learning_curve/summary.md``)."""
 
     idx_dir: Path = Path("/usr/share/datasets/fashion-mnist")
     # ordered as the lecture ranks them, from the few-images winner to the many-images winner
