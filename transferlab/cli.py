@@ -742,7 +742,7 @@ def ui(
     uri = tracking_uri(loaded, root)
     if uri.startswith(("http://", "https://")):
         out.print(f"MLflow UI: [bold]{uri}[/bold]  (the tracking server serves it)")
-        _print_ui_links(uri, root)
+        _print_ui_links(uri, root, loaded)
         return
     try:
         check_port_free(host, port)
@@ -751,21 +751,31 @@ def ui(
         raise typer.Exit(1) from None
     base = f"http://{host}:{port}"
     out.print(f"MLflow UI: [bold]{base}[/bold]  (Ctrl-C to stop)", highlight=False)
-    _print_ui_links(base, root)
+    _print_ui_links(base, root, loaded)
     raise typer.Exit(run_group(ui_command(loaded, root, host=host, port=port), env=UI_ENV))
 
 
-def _print_ui_links(base: str, root: Path) -> None:
-    """The last pipeline run and the HTML report, with links into the UI at ``base``."""
+def _print_ui_links(base: str, root: Path, params) -> None:
+    """The last pipeline run, its robustness comparison and the HTML report, linked into the
+    UI at ``base``."""
     import json as _json
+
+    from transferlab.report import series_key
+    from transferlab.tracking import comparison_url
 
     results = root / "reports" / "results.json"
     if not results.is_file():
         return
     ml = _json.loads(results.read_text()).get("mlflow", {})
-    if ml.get("experiment_id") and ml.get("parent"):
-        run = f"{base}/#/experiments/{ml['experiment_id']}/runs/{ml['parent']}"
+    exp = ml.get("experiment_id")
+    if exp and ml.get("parent"):
+        run = f"{base}/#/experiments/{exp}/runs/{ml['parent']}"
         out.print(f"last pipeline run: {run}", highlight=False, soft_wrap=True)
+        methods = [ml[m] for m in params.attack.models if m in ml]
+        keys = [series_key(a) for a in params.attack.attacks]
+        if methods and keys:
+            url = comparison_url(base, exp, methods, keys)
+            out.print(f"robust accuracy vs eps: {url}", highlight=False, soft_wrap=True)
     report = root / "reports" / "index.html"
     if report.is_file():
         out.print(

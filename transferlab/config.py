@@ -581,7 +581,9 @@ class AttackParams(Section):
     precision: Literal["fp32", "bf16"] = "fp32"
     # finished shards (model x attack x eps x batch) are kept here so a killed run resumes
     work_dir: Path = Path(".transferlab/attack-work")
-    grid_images: int = Field(4, ge=0, description="images in the adversarial-example grid")
+    grid_images: int = Field(
+        8, ge=0, description="rows of the adversarial-example grid: one per model and attack"
+    )
     fgsm: FgsmParams = Field(default_factory=FgsmParams)
     bim: BimParams = Field(default_factory=BimParams)
     pgd: PgdParams = Field(default_factory=PgdParams)

@@ -14,7 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 def plot_robustness(rows: list[dict], out: Path) -> Path:
     """Robust accuracy against eps (in 1/255 units), one line per model and attack."""
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
     series: dict[str, list[dict]] = {}
     for r in rows:
         series.setdefault(f"{r['model']} / {r['attack']}", []).append(r)
@@ -27,13 +27,11 @@ def plot_robustness(rows: list[dict], out: Path) -> Path:
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend()
+    # beside the axes, not on them: inside, it covers the curves it names
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8, title="model / attack")
     ax.set_title("Robustness under attack")
     fig.tight_layout()
-    with atomic_write(out) as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def training_regime(n_train: int | None, n_classes: int | None) -> str:
@@ -100,19 +98,22 @@ def plot_transfer_matrix(rows: list[dict], out: Path) -> Path:
     grid = [[float("nan")] * len(targets) for _ in sources]
     for r in rows:
         grid[sources.index(r["source"])][targets.index(r["target"])] = r["robust_acc"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.3 * len(targets), 1.2 + 0.8 * len(sources)), dpi=120)
+    fig, ax = plt.subplots(figsize=(2.4 + 1.6 * len(targets), 1.6 + 0.8 * len(sources)), dpi=120)
     im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn")
     for i, row in enumerate(grid):
         for j, v in enumerate(row):
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=9)
     clean = {r["target"]: r["clean_acc"] for r in rows}
-    ax.set_xticks(range(len(targets)), [f"{t}\n(clean {clean[t]:.2f})" for t in targets])
+    ax.set_xticks(
+        range(len(targets)), [f"{t}\n(clean {clean[t]:.2f})" for t in targets], fontsize=8
+    )
     ax.set_yticks(range(len(sources)), sources)
     ax.set_xlabel("target (evaluated)")
     ax.set_ylabel("source (crafted on)")
     if rows:
         ax.set_title(
-            f"Transfer robust accuracy, {rows[0]['attack']} eps={rows[0]['eps'] * 255:g}/255"
+            f"Transfer robust accuracy\n{rows[0]['attack']}, eps {rows[0]['eps'] * 255:g}/255",
+            fontsize=10,
         )
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
@@ -128,28 +129,20 @@ def plot_adversarial_grid(examples: list[dict], out: Path, *, amplify: float = 1
         amplify: perturbation gain for display; the caption states it.
     """
     n = max(len(examples), 1)
-    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.7 * n), dpi=110, squeeze=False)
+    fig, axes = plt.subplots(n, 3, figsize=(7.5, 2.9 * n), dpi=110, squeeze=False)
     for row, ex in zip(axes, examples, strict=False):
         delta = ex["x_adv"] - ex["x"]
         shown = (0.5 + amplify * delta).clamp(0, 1)
+        # the row's model/attack/eps heads its first image (a rotated label beside the row
+        # collided with the captions of the row above)
         for ax, img, caption in (
-            (row[0], ex["x"], f"clean: {ex['clean']}"),
+            (row[0], ex["x"], f"{ex['title']}\nclean: {ex['clean']}"),
             (row[1], shown, f"perturbation x{amplify:g}\nmax {delta.abs().max() * 255:.1f}/255"),
-            (row[2], ex["x_adv"], f"adversarial: {ex['adv']}"),
+            (row[2], ex["x_adv"], f"adversarial:\n{ex['adv']}"),
         ):
             ax.imshow(img.permute(1, 2, 0).cpu().numpy())
             ax.set_title(caption, fontsize=8)
             ax.axis("off")
-        row[0].text(
-            -0.08,
-            0.5,
-            ex["title"],
-            transform=row[0].transAxes,
-            rotation=90,
-            ha="right",
-            va="center",
-            fontsize=8,
-        )
     if not examples:
         for ax in axes[0]:
             ax.axis("off")

@@ -261,9 +261,9 @@ class AttackSession:
         )
         return rows, adversarials, x
 
-    def grid(self, name: str, attack_name: str, eps: float) -> list[dict]:
+    def grid(self, name: str, attack_name: str, eps: float, *, n: int | None = None) -> list[dict]:
         """See ``grid_examples``."""
-        return grid_examples(self, name, attack_name, eps)
+        return grid_examples(self, name, attack_name, eps, n=n)
 
 
 def transfer_attack(params: Params) -> Attack:
@@ -278,17 +278,21 @@ def transfer_attack(params: Params) -> Attack:
     return make_attack(tp.attack, eps=tp.eps, **kwargs)
 
 
-def grid_examples(session: AttackSession, name: str, attack_name: str, eps: float) -> list[dict]:
-    """A few adversarial examples of ``attack_name`` at ``eps`` on model ``name``, captioned
-    with the predicted label and confidence before and after (for ``plot_adversarial_grid``)."""
+def grid_examples(
+    session: AttackSession, name: str, attack_name: str, eps: float, *, n: int | None = None
+) -> list[dict]:
+    """``n`` (default ``attack.grid_images``) adversarial examples of ``attack_name`` at ``eps``
+    on model ``name``, captioned with the predicted label and confidence before and after (for
+    ``plot_adversarial_grid``)."""
     from transferlab.attacks import make_attack
 
     ap = session.params.attack
-    if ap.grid_images == 0:
+    n = ap.grid_images if n is None else n
+    if n == 0:
         return []
     model, classes, _ = session.model(name)
     x, y = session.inputs(name)
-    x, y = x[: ap.grid_images], y[: ap.grid_images]
+    x, y = x[:n], y[:n]
     attack = make_attack(attack_name, eps=eps, **ap.attack_kwargs(attack_name))
     x_adv = attack(model, x, y).x_adv
     with torch.inference_mode():

@@ -228,11 +228,11 @@ def attack(params: Params, root: Path) -> dict:
     t_rows, _, _ = session.transfer()
     write_json(root / TRANSFER_METRICS, {"matrix": t_rows})
     plot_transfer_matrix(t_rows, root / TRANSFER_PNG)
-    preferred = [a for a in ("pgd", "mifgsm", "bim", "fgsm") if a in ap.attacks] or [ap.attacks[0]]
-    plot_adversarial_grid(
-        session.grid(ap.models[0], preferred[0], ap.report_eps),
-        root / ADVERSARIAL_PNG,
-    )
+    # one example per model and attack (the same test image, so rows compare), up to
+    # attack.grid_images rows
+    pairs = [(m, a) for m in ap.models for a in ap.attacks][: ap.grid_images]
+    examples = [ex for m, a in pairs for ex in session.grid(m, a, ap.report_eps, n=1)]
+    plot_adversarial_grid(examples, root / ADVERSARIAL_PNG)
     write_json(
         root / ATTACK_METRICS,
         {

@@ -87,3 +87,20 @@ def ui_command(params: Params, workdir: Path, *, host: str, port: int) -> list[s
 # Without this the MLflow 3 server also starts job-runner processes (about 2 GB) it needs only
 # for server-side jobs, which a local UI never runs.
 UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+
+
+def comparison_url(base: str, experiment_id: str, run_ids: list[str], metrics: list[str]) -> str:
+    """A link to MLflow's metric view of ``metrics`` over ``run_ids`` against the step (for
+    ``robust_acc_vs_eps/<attack>``, step = eps * 255): a comparison that lives in the URL, so
+    it can be bookmarked and shared."""
+    import json
+    from urllib.parse import quote
+
+    def arg(value) -> str:
+        return quote(json.dumps(value, separators=(",", ":")), safe="")
+
+    return (
+        f"{base.rstrip('/')}/#/metric/{quote(metrics[0], safe='')}?runs={arg(run_ids)}"
+        f"&experiments={arg([experiment_id])}&plot_metric_keys={arg(metrics)}"
+        "&plot_layout=%7B%7D&x_axis=step&y_axis_scale=linear&line_smoothness=1&show_point=true"
+    )
