@@ -45,8 +45,16 @@ def pipeline_run(ws, weight: float, monkeypatch, **env) -> dict:
     for var, value in env.items():
         monkeypatch.setenv(var, value)
     params = load_params(ws / "params.yaml")
+    model = Tiny(weight)
+    folder = ws / "models" / f"svm-{weight:g}"  # what the report logs as the MLflow model
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), folder / "weights.pt")
     rec = MethodRecord(
-        "svm", metrics={"test_acc": 0.9}, model=Tiny(weight), registered_name="tiny-svm"
+        "svm",
+        metrics={"test_acc": 0.9},
+        model=model,
+        model_dir=folder,
+        registered_name="tiny-svm",
     )
     ids = log_pipeline_run(params, ws, tags={}, methods=[rec], artifacts=[])
     (ws / "reports/results.json").write_text(json.dumps({"mlflow": ids}))
