@@ -171,7 +171,8 @@ _stage_command(
     "Every image is decoded and checked (size, pixels, duplicates); byte-identical copies are "
     "rejected, since they would leak between train and test.",
     reads="the images data.source names (a folder, IDX files, an HTTP archive, S3, a "
-    "torchvision dataset...); params: data.",
+    "torchvision dataset...), and labelled/ (labels merged by `transferlab label import`); "
+    "params: data.",
     writes="data/images/ (one folder per class), data/manifest.csv (path, label, sha256, size "
     "per image), data/rejected.json (what was left out, and why).",
     examples=("transferlab pull", "transferlab pull --params my-params.yaml --verbose"),
@@ -320,8 +321,10 @@ def attack_eval(
 
 
 experiment_app = typer.Typer(
-    help="Experiments that compare the adaptation methods.",
-    epilog=_examples("transferlab experiment learning-curve"),
+    help="Experiments that compare the adaptation methods and the labelling strategies.",
+    epilog=_examples(
+        "transferlab experiment learning-curve", "transferlab experiment active-learning"
+    ),
     no_args_is_help=True,
 )
 app.add_typer(experiment_app, name="experiment")
@@ -355,6 +358,171 @@ def learning_curve(
     if not quiet:
         out.print_json(data={k: v for k, v in result.items() if k != "summary"})
         out.print(Path(result["table"]).read_text())
+
+
+@experiment_app.command(
+    "active-learning",
+    epilog=_examples(
+        "transferlab experiment active-learning",
+        "transferlab experiment active-learning --params params.yaml --quiet",
+    ),
+)
+def active_learning(
+    params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
+) -> None:
+    """Which query strategy to use under a labelling budget: simulated labelling rounds from a
+    seed set, for every strategy, learner (svm, top) and seed, on Fashion-MNIST and the
+    workspace's photos.
+
+    Reads: the Fashion-MNIST IDX files in active_learning.idx_dir, features/features.npz and
+    data/split.csv when present (the photos); params: active_learning, features, svm, top. The
+    test set never enters the pool. A bar counts the runs.
+
+    Writes: active_learning.out_dir/runs.csv (every round), summary.json, summary.md (accuracy
+    against labels with Wilson intervals and seed spread, AUC, labels to reach the target), and
+    curve.png; an MLflow run with a nested run per strategy.
+    """
+    loaded = _setup(params, verbose, quiet)
+    from transferlab.active.experiment import active_learning_experiment
+    from transferlab.progress import logs_above_bars
+
+    with logs_above_bars():
+        result = active_learning_experiment(loaded, Path.cwd())
+    if not quiet:
+        out.print_json(data=result)
+        out.print(Path(result["summary"]).read_text())
+
+
+label_app = typer.Typer(
+    help="Spend a labelling budget well: which images to label next, and merging the labels.",
+    epilog=_examples(
+        "transferlab label suggest --budget 50",
+        "transferlab label import labels/suggest.csv",
+    ),
+    no_args_is_help=True,
+)
+app.add_typer(label_app, name="label")
+
+
+def _label_error(exc: Exception) -> None:
+    err.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@label_app.command(
+    "suggest",
+    epilog=_examples(
+        "transferlab label suggest --budget 50",
+        "transferlab label suggest --budget 20 --strategy badge --model top",
+        "transferlab label suggest --from new_photos/ --out labels/round2.csv",
+    ),
+)
+def label_suggest(
+    budget: Annotated[
+        int | None, typer.Option("--budget", "-n", min=1, help="images to suggest (label.budget)")
+    ] = None,
+    strategy: Annotated[
+        str | None,
+        typer.Option(
+            help="random | least_confidence | margin | entropy | kcenter | badge (label.strategy)"
+        ),
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="trained model under models/ that scores (label.model)")
+    ] = None,
+    source: Annotated[
+        Path | None,
+        typer.Option(
+            "--from", help="folder, .csv or .json of unlabelled images (label.unlabelled)"
+        ),
+    ] = None,
+    csv_out: Annotated[Path | None, typer.Option("--out", help="CSV to write (label.out)")] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Pick the unlabelled images worth labelling next and write them to a CSV.
+
+    The images pass pull's checks (bad files are left out, each with its reason), their
+    features come from the cache (only new images are extracted), the model scores them and
+    the strategy picks. Fill in the CSV's label column, then run `transferlab label import`.
+
+    Reads: label.unlabelled (a folder, or a .csv with a path column, or a .json list),
+    models/<label.model>, features/features.npz and data/split.csv (what is labelled already),
+    the feature cache; params: label, data, features.
+
+    Writes: label.out (rank, path, thumbnail, guess, score, strategy, label) atomically and its
+    thumbs/ folder.
+    """
+    from transferlab.active.suggest import LabelError
+
+    loaded = _setup(params, verbose, quiet)
+    from transferlab.active.suggest import suggest
+    from transferlab.progress import logs_above_bars
+    from transferlab.workspace import workspace_lock
+
+    try:
+        with workspace_lock(Path.cwd()), logs_above_bars():
+            summary = suggest(
+                loaded,
+                Path.cwd(),
+                budget=budget,
+                strategy=strategy,
+                model=model,
+                source=source,
+                out=csv_out,
+            )
+    except LabelError as exc:
+        _label_error(exc)
+    if not quiet:
+        out.print_json(data=summary)
+
+
+@label_app.command(
+    "import",
+    epilog=_examples(
+        "transferlab label import labels/suggest.csv && dvc repro",
+        "transferlab label import labels/new.csv --new-class reptiles",
+    ),
+)
+def label_import(
+    csv_file: Annotated[Path, typer.Argument(help="CSV with path and label columns")],
+    new_class: Annotated[
+        list[str] | None,
+        typer.Option("--new-class", help="a class the data does not have yet (repeat)"),
+    ] = None,
+    params: ParamsOpt = DEFAULT_PARAMS,
+    verbose: VerboseOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Merge returned labels into the data: all rows or none.
+
+    Every row is checked before anything is written: an unknown class (unless named with
+    --new-class), an image listed twice or already in the data, a missing file or one that
+    fails pull's checks refuses the whole file, with every problem and its row. Rows with an
+    empty label are skipped. Then run `dvc repro` (or `transferlab run`): pull merges
+    labelled/ into data/ (a new data version), features are extracted only for the new
+    images, and the models retrain.
+
+    Reads: the CSV, data/manifest.csv, labelled/; params: data.
+
+    Writes: labelled/<class>/<digest>.<ext>.
+    """
+    from transferlab.active.suggest import LabelError
+
+    loaded = _setup(params, verbose, quiet)
+    from transferlab.active.importer import import_labels
+    from transferlab.workspace import workspace_lock
+
+    try:
+        with workspace_lock(Path.cwd()):
+            summary = import_labels(
+                loaded, Path.cwd(), csv_file.resolve(), new_classes=tuple(new_class or ())
+            )
+    except LabelError as exc:
+        _label_error(exc)
+    if not quiet:
+        out.print_json(data=summary)
 
 
 demo_app = typer.Typer(

@@ -387,6 +387,70 @@ class LearningCurveParams(Section):
     out_dir: Path = Path("docs/learning_curve")
 
 
+class ActiveLearningParams(Section):
+    """``transferlab experiment active-learning``: simulated labelling rounds per query strategy
+    (``transferlab.active``), scored on a test set that never enters the pool."""
+
+    datasets: tuple[Literal["fashion_mnist", "photos"], ...] = ("fashion_mnist", "photos")
+    idx_dir: Path = Path("/usr/share/datasets/fashion-mnist")
+    pool_per_class: int = Field(300, ge=1, description="Fashion-MNIST pool (train files)")
+    test_per_class: int = Field(100, ge=1, description="Fashion-MNIST test set (t10k files)")
+    image_size: int = Field(64, ge=16)
+    strategies: tuple[str, ...] = (
+        "random",
+        "least_confidence",
+        "margin",
+        "entropy",
+        "kcenter",
+        "badge",
+    )
+    learners: tuple[Literal["svm", "top"], ...] = ("svm", "top")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    seed_per_class: int = Field(2, ge=1, description="labels per class before the first round")
+    batch: int = Field(40, ge=1, description="labels per round (Fashion-MNIST)")
+    photos_batch: int = Field(10, ge=1, description="labels per round (the photos)")
+    budget: int = Field(500, ge=2, description="labels at the end")
+    target: float = Field(0.95, gt=0.0, le=1.0, description="fraction of full-pool accuracy")
+    top_epochs: int = Field(60, ge=1)
+    # one C for every round: svm.C's grid by CV would cost 13 liblinear fits per round
+    svm_C: float = Field(0.01, gt=0.0, description="the SVM's C in every round")
+    out_dir: Path = Path("docs/active_learning")
+
+    @field_validator("strategies")
+    @classmethod
+    def _known_strategies(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        from transferlab.active.strategies import STRATEGIES
+
+        unknown = [s for s in v if s not in STRATEGIES]
+        if unknown or not v:
+            raise ValueError(f"unknown strategies {unknown}; choose from: {', '.join(STRATEGIES)}")
+        return v
+
+
+class LabelParams(Section):
+    """``transferlab label suggest|import``: which unlabelled images to label next, and where
+    returned labels go (``transferlab.active.suggest`` / ``.importer``)."""
+
+    unlabelled: Path = Field(
+        Path("unlabelled"), description="folder of images (or a .csv/.json manifest) to pick from"
+    )
+    model: str = Field("svm", description="trained model under models/ that scores the pool")
+    strategy: str = "margin"
+    budget: int = Field(20, ge=1)
+    seed: int = 0
+    out: Path = Path("labels/suggest.csv")
+    thumb_size: int = Field(96, ge=16, description="longer side of the thumbnails (px)")
+
+    @field_validator("strategy")
+    @classmethod
+    def _known_strategy(cls, v: str) -> str:
+        from transferlab.active.strategies import STRATEGIES
+
+        if v not in STRATEGIES:
+            raise ValueError(f"unknown strategy {v!r}; choose from: {', '.join(STRATEGIES)}")
+        return v
+
+
 # ---------------------------------------------------------------- attacks
 
 
@@ -741,6 +805,8 @@ def _build_params() -> type[ParamsBase]:
         "features": section(FeaturesParams),
         **{name: section(m.params) for name, m in METHODS.items()},
         "learning_curve": section(LearningCurveParams),
+        "active_learning": section(ActiveLearningParams),
+        "label": section(LabelParams),
         "attack": section(AttackParams),
         "tracking": section(TrackingParams),
         "runner": section(RunnerParams),

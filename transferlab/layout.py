@@ -16,6 +16,8 @@ import numpy as np
 MANIFEST = "data/manifest.csv"
 REJECTED = "data/rejected.json"
 IMAGES = "data/images"
+# where `label import` puts returned labels (<class>/<image>); pull merges them into data/
+LABELLED_DIR = "labelled"
 SPLIT = "data/split.csv"
 FEATURES = "features/features.npz"
 CONFUSION_DIR = "plots/confusion"

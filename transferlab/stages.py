@@ -22,6 +22,7 @@ from transferlab.layout import (  # noqa: F401  (the workspace's files, re-expor
     CONFUSION_DIR,
     FEATURES,
     IMAGES,
+    LABELLED_DIR,
     MANIFEST,
     REJECTED,
     SPLIT,
@@ -70,7 +71,9 @@ def pull(params: Params, root: Path) -> dict:
 
     # Only to warn early about classes the split will refuse; the outputs do not depend on it.
     need = min_class_size(val=params.split.val, test=params.split.test)
-    result = pull_dataset(params.data, root / "data", min_per_class=need)
+    result = pull_dataset(
+        params.data, root / "data", min_per_class=need, labelled=root / LABELLED_DIR
+    )
     return {"kept": result.kept, "rejected": result.n_rejected}
 
 
@@ -461,7 +464,7 @@ def _stages() -> dict[str, Stage]:
     models = tuple(m.model_dir for m in METHODS.values())
     metrics = tuple(m.metrics_file for m in METHODS.values())
     stages = (
-        Stage("pull", pull, (), (IMAGES, MANIFEST, REJECTED), ("data",)),
+        Stage("pull", pull, (LABELLED_DIR,), (IMAGES, MANIFEST, REJECTED), ("data",)),
         Stage("split", split, (MANIFEST,), (SPLIT,), ("split",)),
         Stage("features", features, (MANIFEST, IMAGES), (FEATURES,), ("data", "features")),
         *(_method_stage(m) for m in METHODS.values()),

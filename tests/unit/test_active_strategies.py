@@ -66,7 +66,9 @@ def test_every_strategy_picks_budget_distinct_pool_images(name):
 
 def test_margin_picks_the_most_ambiguous():
     probs = np.array([[0.98, 0.01, 0.01], [0.5, 0.49, 0.01], [0.7, 0.2, 0.1]])
-    sel = select("margin", budget=2, features=np.zeros((3, 2)), labelled=np.zeros((0, 2)), probs=probs)
+    sel = select(
+        "margin", budget=2, features=np.zeros((3, 2)), labelled=np.zeros((0, 2)), probs=probs
+    )
     assert sel.indices.tolist() == [1, 2]
 
 

@@ -12,6 +12,16 @@ from transferlab.atomic import atomic_write
 
 MANIFEST_COLUMNS = ("path", "label", "sha256", "width", "height", "source")
 _INT_COLUMNS = ("width", "height")
+# Images merged in by `transferlab label import` sit at images/<class>/labelled/... in a dataset.
+LABELLED = "labelled"
+
+
+def is_labelled(path: str) -> bool:
+    """Whether a manifest ``path`` (``images/<class>/...``) came from ``label import``."""
+    parts = path.split("/")
+    return len(parts) > 3 and parts[2] == LABELLED
+
+
 _CHUNK = 1 << 20
 
 

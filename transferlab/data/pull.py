@@ -40,7 +40,7 @@ from pathlib import Path, PurePosixPath
 
 from transferlab.config import DataParams, FolderSource
 from transferlab.data.images import ImageRejected, decode_rgb
-from transferlab.data.manifest import MANIFEST_COLUMNS, read_manifest, write_csv_atomic
+from transferlab.data.manifest import LABELLED, MANIFEST_COLUMNS, read_manifest, write_csv_atomic
 from transferlab.data.sources import IMAGE_EXTENSIONS, DataSourceError, SourceFile, list_source
 from transferlab.names import UnsafeName, data_name, data_path_text
 from transferlab.progress import progress
@@ -149,20 +149,36 @@ def _check(job: _Job) -> _Checked:
     return checked
 
 
-def _judge(data: bytes, job: _Job) -> dict:
-    """Decode ``data``: its size in pixels, or why it is refused."""
-    try:
-        im = decode_rgb(data, background=job.background, max_pixels=job.max_pixels)
-    except ImageRejected as exc:
-        return {"reason": exc.reason}
+def check_image_bytes(
+    data: bytes, *, min_size: int, max_pixels: int, background: tuple[int, int, int]
+) -> tuple[int, int]:
+    """Pull's rules for one image's bytes (``label suggest|import`` apply them too).
+
+    Returns:
+        (width, height) of the decoded image.
+
+    Raises:
+        ImageRejected: with the reason (not an image, corrupt, too many pixels, too small).
+    """
+    im = decode_rgb(data, background=background, max_pixels=max_pixels)
     width, height = im.size
     # Pixel count, not the shorter side: a 400x30 banner is as usable as a 110x110 photo
     # once the backbone has resized it.
-    if width * height < job.min_size**2:
-        return {
-            "reason": f"too small: {width}x{height} = {width * height} pixels < "
-            f"min_size^2 = {job.min_size**2}"
-        }
+    if width * height < min_size**2:
+        raise ImageRejected(
+            f"too small: {width}x{height} = {width * height} pixels < min_size^2 = {min_size**2}"
+        )
+    return width, height
+
+
+def _judge(data: bytes, job: _Job) -> dict:
+    """Decode ``data``: its size in pixels, or why it is refused."""
+    try:
+        width, height = check_image_bytes(
+            data, min_size=job.min_size, max_pixels=job.max_pixels, background=job.background
+        )
+    except ImageRejected as exc:
+        return {"reason": exc.reason}
     return {"width": width, "height": height}
 
 
@@ -208,6 +224,7 @@ def pull_dataset(
     *,
     workers: int | None = None,
     min_per_class: int | None = None,
+    labelled: Path | None = None,
 ) -> PullResult:
     """Check every image of ``params.source`` and write the dataset to ``out_dir``.
 
@@ -222,6 +239,8 @@ def pull_dataset(
             decode, ``1`` decodes in this process.
         min_per_class: warn about classes with fewer usable images (what the split needs,
             see :func:`~transferlab.data.split.min_class_size`); ``None``: no check.
+        labelled: a ``<class>/<image>`` folder of labels returned by ``label import``, merged in
+            under ``images/<class>/labelled/`` (checked like the source's images); may be absent.
 
     Returns:
         Paths written and counts.
@@ -243,6 +262,10 @@ def pull_dataset(
     tmp = _make_tmp(out_dir)
     try:
         files, classes = list_source(params.source, tmp / "src")
+        if labelled is not None and labelled.is_dir():
+            extra, extra_classes = list_source(FolderSource(path=labelled))
+            files += [dataclasses.replace(f, rel=PurePosixPath(LABELLED) / f.rel) for f in extra]
+            classes = sorted(set(classes) | set(extra_classes))
         listed = True
         if not files:
             exts = " ".join(sorted(IMAGE_EXTENSIONS))

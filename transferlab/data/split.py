@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from transferlab.config import SplitParams
-from transferlab.data.manifest import read_manifest, write_csv_atomic
+from transferlab.data.manifest import is_labelled, read_manifest, write_csv_atomic
 from transferlab.data.sources import DataSourceError
 
 log = logging.getLogger(__name__)
@@ -68,8 +68,16 @@ def split_manifest(manifest: Path, params: SplitParams, out: Path) -> dict[str, 
     """
     rows = read_manifest(manifest)
     by_class: dict[str, list[dict]] = defaultdict(list)
+    # Labels imported into a class that has source images go to train: they were picked by a
+    # model (biased, so no fair test), and keeping them out of the deal leaves every other
+    # image's split as it was. A class made only of imported images (a new one) is dealt out.
+    pinned: dict[str, list[dict]] = defaultdict(list)
+    has_source = {row["label"] for row in rows if not is_labelled(row["path"])}
     for row in rows:
-        by_class[row["label"]].append(row)
+        if is_labelled(row["path"]) and row["label"] in has_source:
+            pinned[row["label"]].append(row)
+        else:
+            by_class[row["label"]].append(row)
     if not by_class:
         raise DataSourceError(f"{manifest} lists no images; run the pull stage on a real source")
 
@@ -110,6 +118,9 @@ def split_manifest(manifest: Path, params: SplitParams, out: Path) -> dict[str, 
                 break  # beyond the shots: not used by this run
             split = "test" if i < n_test else "val" if i < n_test + n_val else "train"
             assigned[row["path"]] = split
+        for row in pinned[label]:
+            assigned[row["path"]] = "train"
+        n_train += len(pinned[label])
         for split, n in zip(SPLITS, (n_train, n_val, n_test), strict=True):
             counts[split][label] = n
 

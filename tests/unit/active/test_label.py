@@ -1,0 +1,131 @@
+"""`label suggest` and `label import` on a tiny workspace: the CSV, bad files rejected with a
+reason, and an import refused whole on an unknown class, a duplicate or a missing file."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.conftest import draw_image, tiny_params, write_workspace
+from transferlab.active.importer import import_labels
+from transferlab.active.suggest import CSV_COLUMNS, LabelError, suggest
+from transferlab.config import load_params
+from transferlab.stages import STAGES
+
+KINDS = ("circles", "squares", "stripes")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory, tiny_dataset) -> Path:
+    ws = write_workspace(tmp_path_factory.mktemp("label_ws"), tiny_params(tiny_dataset))
+    params = load_params(ws / "params.yaml")
+    for name in ("pull", "split", "features", "svm"):
+        STAGES[name].run(params, ws)
+    pool = ws / "unlabelled"
+    pool.mkdir()
+    for c, kind in enumerate(KINDS):
+        for i in range(3):
+            draw_image(kind, seed=5000 + 10 * c + i).save(pool / f"{kind}_{i}.png")
+    (pool / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(pool / "tiny.png")  # below min_size 16
+    return ws
+
+
+def _rows(path: Path) -> list[dict]:
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["path", "label"], extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+def _truth(path: str) -> str:
+    return Path(path).name.rsplit("_", 1)[0]
+
+
+@pytest.mark.parametrize("strategy", ["margin", "kcenter", "badge"])
+def test_suggest_writes_the_csv_and_rejects_bad_files_with_a_reason(workspace, strategy, caplog):
+    params = load_params(workspace / "params.yaml")
+    out = Path(f"labels/{strategy}.csv")
+    summary = suggest(params, workspace, budget=4, strategy=strategy, out=out)
+    rows = _rows(workspace / out)
+    assert list(rows[0]) == list(CSV_COLUMNS)
+    assert len(rows) == 4 == summary["suggested"]
+    assert summary["pool"] == 9 and summary["rejected"] == 2
+    assert {r["strategy"] for r in rows} == {strategy}
+    assert {r["guess"] for r in rows} <= set(KINDS)
+    assert all((workspace / out).parent.joinpath(r["thumbnail"]).is_file() for r in rows)
+    assert "broken.png" not in {Path(r["path"]).name for r in rows}
+    reasons = " ".join(caplog.messages)
+    assert "broken.png" in reasons and "tiny.png" in reasons and "too small" in reasons
+
+
+def test_second_suggest_extracts_nothing(workspace):
+    params = load_params(workspace / "params.yaml")
+    suggest(params, workspace, budget=2, out=Path("labels/a.csv"))
+    again = suggest(params, workspace, budget=2, out=Path("labels/b.csv"))
+    assert again["features_extracted"] == 0 and again["features_cached"] == 9
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"label": "triangles"}, "unknown class 'triangles'"),
+        ({"duplicate": True}, "duplicate of row 2"),
+        ({"path": "unlabelled/gone.png"}, "missing file"),
+    ],
+)
+def test_import_refuses_the_whole_csv(workspace, bad, message):
+    params = load_params(workspace / "params.yaml")
+    good = [{"path": str(workspace / "unlabelled" / f"{k}_0.png"), "label": k} for k in KINDS]
+    rows = [dict(r) for r in good]
+    if "label" in bad:
+        rows[2]["label"] = bad["label"]
+    if "path" in bad:
+        rows[2]["path"] = str(workspace / bad["path"])
+    if "duplicate" in bad:
+        rows.append(dict(rows[0]))
+    before = (
+        sorted(p for p in (workspace / "labelled").rglob("*"))
+        if (workspace / "labelled").exists()
+        else []
+    )
+    with pytest.raises(LabelError, match=message) as info:
+        import_labels(params, workspace, _write(workspace / "returned.csv", rows))
+    assert "nothing merged" in str(info.value)
+    after = (
+        sorted(p for p in (workspace / "labelled").rglob("*"))
+        if (workspace / "labelled").exists()
+        else []
+    )
+    assert after == before
+
+
+def test_import_then_pull_merges_into_train_and_keeps_the_old_split(workspace):
+    params = load_params(workspace / "params.yaml")
+    suggest(params, workspace, budget=3, out=Path("labels/round.csv"))
+    rows = _rows(workspace / "labels/round.csv")
+    for r in rows:
+        r["label"] = _truth(r["path"])
+    _write(workspace / "labels/round_done.csv", rows)
+    split_before = {r["path"]: r["split"] for r in _rows(workspace / "data/split.csv")}
+    summary = import_labels(params, workspace, workspace / "labels/round_done.csv")
+    assert summary["imported"] == 3 and summary["new_classes"] == []
+    STAGES["pull"].run(params, workspace)
+    STAGES["split"].run(params, workspace)
+    split_after = {r["path"]: r["split"] for r in _rows(workspace / "data/split.csv")}
+    added = {p: s for p, s in split_after.items() if p not in split_before}
+    assert len(added) == 3 and set(added.values()) == {"train"}
+    assert all("/labelled/" in p for p in added)
+    assert {p: split_after[p] for p in split_before} == split_before
+    # imported again: already in the data
+    with pytest.raises(LabelError, match="already in the data"):
+        import_labels(params, workspace, workspace / "labels/round_done.csv")
