@@ -15,6 +15,7 @@ from prefect import flow
 from prefect.runtime import deployment, flow_run
 
 from transferlab.config import load_params
+from transferlab.redact import install_log_redaction
 from transferlab.stages import STAGES
 from transferlab.tracking import check_tracking_store
 from transferlab.workspace import workspace_lock
@@ -94,6 +95,10 @@ def mark_abandoned_runs(workdir: str) -> list[str]:
 @flow(name="transferlab-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """Pull, split, features, svm, attack, report; returns each stage's summary."""
+    # Task logs and tracebacks go to Prefect's database: mask credentials in URLs first (one
+    # can come from the environment, e.g. MLFLOW_TRACKING_URI)
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.extra"):
+        install_log_redaction(logging.getLogger(name))
     # fail on a bad params file or an unreachable tracking server before any work
     check_tracking_store(load_params(params_path), Path(workdir))
     workdir = str(Path(workdir).resolve())

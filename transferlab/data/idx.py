@@ -28,6 +28,10 @@ _DTYPES = {
 }
 
 
+# 16 GB: all of ImageNet at 64 px would fit; a header claiming more is a broken or hostile file
+MAX_IDX_BYTES = 16 << 30
+
+
 class IdxError(ValueError):
     """A file that is not valid IDX; the message names the file and what is wrong."""
 
@@ -49,20 +53,29 @@ def read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as f:
-            data = f.read()
+            # The header first: the data is then read up to the size it declares (bounded), so
+            # a gzip bomb or a huge file cannot make this allocate more than it says.
+            head = f.read(4)
+            if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _DTYPES:
+                raise IdxError(f"{path}: not an IDX file (bad magic number {head.hex()})")
+            dtype, ndim = _DTYPES[head[2]], head[3]
+            dims = f.read(4 * ndim)
+            if len(dims) != 4 * ndim:
+                raise IdxError(f"{path}: header cut short")
+            shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+            expected = int(np.prod(shape, dtype=object)) * dtype.itemsize
+            if expected > MAX_IDX_BYTES:
+                raise IdxError(
+                    f"{path}: header says {shape} ({expected} bytes), over the {MAX_IDX_BYTES} "
+                    "bytes an IDX source may hold"
+                )
+            body = f.read(expected + 1)
     except (OSError, EOFError) as exc:
         raise IdxError(f"{path}: cannot read: {exc}") from None
-    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in _DTYPES:
-        raise IdxError(f"{path}: not an IDX file (bad magic number {data[:4].hex()})")
-    dtype, ndim = _DTYPES[data[2]], data[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int(d) for d in np.frombuffer(data[4:header], dtype=">u4"))
-    expected = int(np.prod(shape)) * dtype.itemsize
-    if len(data) - header != expected:
-        raise IdxError(
-            f"{path}: header says {shape} ({expected} bytes), file has {len(data) - header}"
-        )
-    return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
+    if len(body) != expected:
+        got = f"{len(body)}" if len(body) <= expected else "more"
+        raise IdxError(f"{path}: header says {shape} ({expected} bytes), file has {got}")
+    return np.frombuffer(body, dtype=dtype).reshape(shape)
 
 
 def find_idx(folder: Path, split: str, what: str) -> Path:

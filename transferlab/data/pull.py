@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -322,11 +323,12 @@ def _named(files: Sequence[SourceFile]) -> list[SourceFile]:
     a file whose name is refused, or collides with another's after normalising, is rejected."""
     out: list[SourceFile] = []
     seen: set[tuple[str, str]] = set()
+    label_name = functools.lru_cache(maxsize=None)(data_name)  # a few labels, many files
     for f in files:
         if f.problem is None:
             rel = f.rel.as_posix()
             try:
-                key = (data_name(f.label), data_path_text(rel))
+                key = (label_name(f.label), data_path_text(rel))
             except UnsafeName as exc:
                 f = dataclasses.replace(f, problem=f"unsafe name: {exc}")
             else:
@@ -355,7 +357,7 @@ def _rules(params: DataParams) -> dict:
 
 
 def _index_key(f: SourceFile) -> str:
-    return f"{f.label}/{f.rel.as_posix()}|{f.uri}"
+    return f"{f.label}/{f.rel}|{f.origin or f.path}"
 
 
 def _read_index(out_dir: Path, rules: dict) -> dict[str, list]:
