@@ -409,7 +409,7 @@ def test_killed_pulls_leave_nothing_that_lasts(case, tmp_path):
     ],
 )
 def test_damaged_pull_outputs_are_rebuilt(case, ws, tmp_path):
-    from tasks.stages import outputs_present
+    from transferlab_flows.tasks.stages import outputs_present
 
     guard = Guard(tmp_path, ws)
     images = sorted((ws / "data/images").rglob("*.png"))
