@@ -302,6 +302,21 @@ TRAINERS: dict[str, Trainer] = {
 }
 
 
+def with_overrides(params: Params) -> Params:
+    """``params`` with ``learning_curve.method_overrides`` applied to the method sections
+    (validated like the sections themselves)."""
+    updates = {}
+    for method, over in params.learning_curve.method_overrides.items():
+        section = getattr(params, method, None)
+        if section is None:
+            raise ValueError(
+                f"learning_curve.method_overrides: no params section {method!r}; "
+                f"use one of {list(params.learning_curve.methods)}"
+            )
+        updates[method] = type(section).model_validate({**section.model_dump(), **over})
+    return params.model_copy(update=updates)
+
+
 def _ns_for(lc: LearningCurveParams, method: str) -> tuple[int, ...]:
     """The N grid of ``method``: those that train the backbone get the smaller one (CPU time)."""
     return lc.backbone_n_per_class if TRAINERS[method].trains_backbone else lc.n_per_class
@@ -334,6 +349,7 @@ def run_learning_curve(
     from transferlab.backbones import load_backbone
 
     lc = params.learning_curve
+    params = with_overrides(params)
     unknown = [m for m in lc.methods if m not in TRAINERS]
     if unknown:
         raise ValueError(
@@ -379,7 +395,7 @@ def run_learning_curve(
     jobs = [(m, seed, n) for seed in lc.seeds for n in lc.n_per_class for m in cheap]
     jobs += [
         (m, seed, n)
-        for seed in lc.seeds
+        for seed in lc.backbone_seeds or lc.seeds
         for n in sorted(lc.backbone_n_per_class, reverse=True)
         for m in costly
     ]
@@ -678,6 +694,7 @@ def write_outputs(
             np.savez_compressed(f, **{f"{m}_n{n}_seed{s}": v for (m, n, s), v in outcomes.items()})
     n_test = rows[0]["n_test"] if rows else 0
     full_ns = ", ".join(str(n) for n in lc.backbone_n_per_class)
+    full_seeds = list(lc.backbone_seeds or lc.seeds)
     timing = ""
     if seconds:
         timing = (
@@ -694,9 +711,13 @@ def write_outputs(
         f"stopping) from a {lc.pool_per_class}-per-class pool. Cells: mean test accuracy over "
         "the seeds [95% interval combining the seed spread (ddof=1) and the test-set sampling]."
         f" Methods that train the backbone ({', '.join(backbone_methods(lc))}) ran at N = "
-        f"{full_ns} per class: the largest this 2-core CPU trains to convergence within the "
-        f"run's budget.{timing}\n\n"
-        + (f"Method settings (their `params.yaml` sections): {settings}\n\n" if settings else "")
+        f"{full_ns} per class with seeds {full_seeds}: what this shared 2-core CPU trains to "
+        f"convergence within the run's budget.{timing}\n\n"
+        + (
+            f"Method settings (their sections + `method_overrides`): {settings}\n\n"
+            if settings
+            else ""
+        )
         + markdown_table(summary)
         + "\n## Does the lecture's ordering hold?\n\n"
         + f"The lecture: {lc.methods[0]} with a few images per class, "
@@ -731,7 +752,7 @@ COMMAND = "transferlab experiment learning-curve --params params.yaml"
 def method_settings(params: Params) -> str:
     """One line per method of the settings a reader needs to judge the budget it got."""
     lc = params.learning_curve
-    keys = ("C", "cv", "epochs", "patience", "batch_size", "lr", "backbone_lr_ratio", "augment")
+    keys = ("C", "epochs", "patience", "batch_size", "lr", "backbone_lr_ratio", "augment")
     parts = []
     for m in lc.methods:
         section = getattr(params, m, None)
@@ -752,7 +773,7 @@ def learning_curve_experiment(
 
     lc = params.learning_curve
     start = time.perf_counter()
-    settings = method_settings(params)
+    settings = method_settings(with_overrides(params))
 
     def save_so_far(rows: list[dict], outcomes: dict) -> None:
         elapsed = time.perf_counter() - start
