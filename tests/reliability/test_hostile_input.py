@@ -173,7 +173,7 @@ def _laughs() -> str:
         Case(
             "hostile-params-yaml",
             "a 1 KB billion-laughs params file, a self-referencing alias, a 2 MB params file, "
-            "a params file that is not UTF-8",
+            "a params file that is not UTF-8, a python/object tag that would run a command",
             "exit 2 in small memory, one short line (no 522 MB error line)",
             "data/ as pulled; nothing written outside the workspace",
         ).param()
@@ -187,6 +187,7 @@ def test_hostile_yaml(case, ws, tmp_path):
         (b"a: &a [*a]\nsplit: {seed: 0}\n", "self-reference"),
         (b"# padding\n" * 200_000, "too large for a params file"),
         (b"split: {seed: 0}\n# caf\xe9\n", "not UTF-8"),
+        (b"split: !!python/object/apply:os.system ['touch PWNED']\n", "invalid YAML"),
     ]
     for text, expected in probes:
         (ws / "params.yaml").write_bytes(text)
