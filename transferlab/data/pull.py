@@ -384,11 +384,17 @@ def _write_index(
 
 
 def _known(entry: list) -> _Checked | None:
+    """An index entry as a verdict, or None when it is not one (a damaged index)."""
     try:
         size, mtime_ns, sha, width, height, reason, copy_mtime_ns = entry
-        return _Checked(sha, width, height, reason, size, mtime_ns, copy_mtime_ns)
     except (TypeError, ValueError):
         return None
+    ints = (size, mtime_ns, width, height, copy_mtime_ns)
+    if not all(type(v) is int for v in ints) or not isinstance(sha, str):
+        return None
+    if reason is not None and not isinstance(reason, str):
+        return None
+    return _Checked(sha, width, height, reason, size, mtime_ns, copy_mtime_ns)
 
 
 def _check_all(

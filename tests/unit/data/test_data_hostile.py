@@ -203,3 +203,27 @@ def test_pull_does_not_import_torch(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     assert (tmp_path / "data" / "manifest.csv").is_file()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "not json",
+        json.dumps({"rules": "x", "files": {}}),
+        None,  # entries of the wrong shape and types, under the right rules
+    ],
+)
+def test_a_damaged_index_only_costs_a_full_check(tmp_path, damage):
+    src = _source(tmp_path / "src")
+    out = tmp_path / "out"
+    pull_dataset(_params(src), out, workers=1)
+    manifest = (out / "manifest.csv").read_bytes()
+    index = out / "pull-index.json"
+    if damage is None:
+        data = json.loads(index.read_text())
+        data["files"] = {k: ["x", None, 3, "w", [], 5, {}] for k in data["files"]}
+        damage = json.dumps(data)
+    index.write_text(damage)
+    pull_dataset(_params(src), out, workers=1)
+    assert (out / "manifest.csv").read_bytes() == manifest
+    assert dataset_problem(out) is None
