@@ -45,6 +45,8 @@ SHARD_RE = re.compile(r"^shard-([0-9a-f]{64})\.npz$")
 LAST_RUN = "last_run.json"
 SPACE_INFO = "space.json"
 QUARANTINE = ".quarantine"
+# per key space: shard name -> [size, mtime_ns, inode] when last verified (see read_shard)
+VERIFIED = ".verified.json"
 # a temp file older than this is left over from a killed writer, not one still writing
 STALE_TMP_SECONDS = 3600.0
 
@@ -112,27 +114,49 @@ class CorruptShard(ValueError):
     """A shard whose bytes do not match its name, or that does not parse."""
 
 
-def read_shard(shard: Path) -> tuple[list[str], np.ndarray]:
+# a file modified this recently may be rewritten again within the same mtime tick, unseen by
+# the stat check (git's "racily clean" problem): such files are hashed, not recorded
+RACY_NS = 2_000_000_000
+
+
+def _stat_key(shard: Path) -> list[int] | None:
+    st = shard.stat()
+    if time.time_ns() - st.st_mtime_ns < RACY_NS:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
+
+
+def read_shard(shard: Path, verified: dict[str, list[int]] | None = None):
     """A shard's ids and features, after checking its bytes against the digest in its name.
 
-    The check costs one sha256 pass over bytes that are being read anyway (about 1 GB/s), so
-    every served feature is verified, not only those ``cache verify`` happens to look at.
+    The sha256 pass runs once per shard file: ``verified`` (name -> size, mtime, inode of the
+    file when it was last verified or written) lets a later read skip it while the file is
+    unchanged. Any rewrite (truncation, zeros, a flipped byte) changes those and is hashed
+    again. A verified file is recorded in ``verified``.
+
+    Returns:
+        (ids, (N, D) float32 features).
 
     Raises:
         CorruptShard: digest mismatch (truncated, rewritten), unreadable, or inconsistent.
         FileNotFoundError: another process removed it meanwhile.
     """
     match = SHARD_RE.match(shard.name)
-    data = shard.read_bytes()
-    if match is None or hashlib.sha256(data).hexdigest() != match.group(1):
+    if match is None:
+        raise CorruptShard(f"{shard}: not named shard-<sha256>.npz")
+    key = _stat_key(shard)
+    unchanged = verified is not None and key is not None and verified.get(shard.name) == key
+    if not unchanged and file_sha256(shard) != match.group(1):
         raise CorruptShard(f"{shard}: its bytes do not match the digest in its name")
     try:
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+        with np.load(shard, allow_pickle=False) as z:
             shas, feats = z["sha256"].tolist(), z["features"]
     except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as exc:
         raise CorruptShard(f"{shard}: unreadable ({exc})") from None
     if feats.ndim != 2 or len(shas) != len(feats):
         raise CorruptShard(f"{shard}: {len(shas)} ids for features of shape {feats.shape}")
+    if verified is not None and key is not None:
+        verified[shard.name] = key
     return shas, feats
 
 
@@ -179,6 +203,8 @@ class FeatureCache:
     hits: int = 0
     misses: int = 0
     _index: dict[str, tuple[Path, int]] = field(default_factory=dict, repr=False)
+    _verified: dict[str, list[int]] = field(default_factory=dict, repr=False)
+    _saved: dict[str, list[int]] = field(default_factory=dict, repr=False)
 
     @property
     def folder(self) -> Path:
@@ -193,6 +219,13 @@ class FeatureCache:
     def refresh(self) -> None:
         """Rebuild the in-memory index from the shards on disk; quarantine unreadable ones."""
         self._index.clear()
+        try:
+            self._verified = json.loads((self.folder / VERIFIED).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            self._verified = {}
+        if not isinstance(self._verified, dict):
+            self._verified = {}
+        self._saved = dict(self._verified)
         for shard in shards(self.folder):
             try:
                 shas = read_shard_shas(shard)
@@ -203,6 +236,18 @@ class FeatureCache:
                 continue
             for row, sha in enumerate(shas):
                 self._index.setdefault(sha, (shard, row))
+
+    def _save_verified(self) -> None:
+        # a record lost to a concurrent writer only costs one more hash pass later
+        present = {p.name for p in shards(self.folder)}
+        self._verified = {k: v for k, v in self._verified.items() if k in present}
+        if self._verified == self._saved:
+            return
+        self._saved = dict(self._verified)
+        try:
+            atomic_write_json(self.folder / VERIFIED, self._verified)
+        except OSError as exc:  # a read-only shared cache still serves, hashing every time
+            log.debug("cannot record verified shards in %s: %s", self.folder, exc)
 
     def __contains__(self, sha: str) -> bool:
         return sha in self._index
@@ -228,7 +273,7 @@ class FeatureCache:
         lost: list[Path] = []
         for shard, pairs in by_shard.items():
             try:
-                ids, feats = read_shard(shard)
+                ids, feats = read_shard(shard, self._verified)
             except FileNotFoundError:
                 lost.append(shard)
                 continue
@@ -243,6 +288,7 @@ class FeatureCache:
                 out = np.empty((len(shas), feats.shape[1]), dtype=np.float32)
             idx, rows = zip(*pairs, strict=True)
             out[list(idx)] = feats[list(rows)]
+        self._save_verified()
         if lost:
             gone = set(lost)
             self._index = {k: v for k, v in self._index.items() if v[0] not in gone}

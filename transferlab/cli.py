@@ -313,8 +313,9 @@ def attack_eval(
     loaded = _setup(params, verbose, quiet)
     from transferlab.progress import logs_above_bars
     from transferlab.stages import attack_registered
+    from transferlab.workspace import workspace_lock
 
-    with logs_above_bars():
+    with workspace_lock(Path.cwd()), logs_above_bars():  # it writes metrics/ and MLflow
         summary = attack_registered(loaded, Path.cwd(), model=model)
     if not quiet:
         out.print_json(data=summary)

@@ -137,7 +137,7 @@ def test_slow_prefect_start_fails_clearly(case, probe, tmp_path, tiny_dataset):
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in message
     assert "dvc repro" in message and "transferlab pull" in message
     leftover = subprocess.run(
-        ["pgrep", "-f", f"flows.ephemeral .* {os.getpid()}"], capture_output=True
+        ["pgrep", "-f", f"transferlab_flows.ephemeral .* {os.getpid()}"], capture_output=True
     )
     assert leftover.returncode == 1  # no server of ours still running
 

@@ -251,3 +251,33 @@ def test_batch_size_accepts_auto_or_int(value):
     from transferlab.config import FeaturesParams
 
     assert FeaturesParams(batch_size=value).batch_size == value
+
+
+def test_an_unchanged_shard_is_hashed_once_and_a_rewritten_one_again(tmp_path, monkeypatch):
+    import os
+
+    shard = fill(tmp_path, "s", [1, 2])
+    hour_ago = time.time_ns() - 3600 * 10**9
+    os.utime(shard, ns=(hour_ago, hour_ago))  # not "racily" fresh: its stat can be trusted
+    FeatureCache(tmp_path, "s").refresh()
+    first = FeatureCache(tmp_path, "s")
+    first.refresh()
+    first.get([sha(1)])  # hashed, then recorded by size, mtime and inode
+    assert shard.name in json.loads((tmp_path / "s" / cache.VERIFIED).read_text())
+
+    def no_hash(path):
+        raise AssertionError(f"{path} hashed again although unchanged")
+
+    monkeypatch.setattr(cache, "file_sha256", no_hash)
+    again = FeatureCache(tmp_path, "s")
+    again.refresh()
+    assert np.array_equal(again.get([sha(2)]), feats_for([2]))
+    monkeypatch.undo()
+
+    buf = io.BytesIO()  # rewritten in place with zeros: a new mtime, so hashed and refused
+    np.savez(buf, sha256=np.array([sha(1), sha(2)]), features=np.zeros((2, 8), np.float32))
+    shard.write_bytes(buf.getvalue())
+    third = FeatureCache(tmp_path, "s")
+    third.refresh()
+    with pytest.raises(cache.EntriesLost):
+        third.get([sha(1)])

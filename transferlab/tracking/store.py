@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 
 from transferlab.config import Params
+
+log = logging.getLogger(__name__)
 
 
 def tracking_uri(params: Params, workdir: Path) -> str:
@@ -46,9 +49,80 @@ EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 EXPERIMENT_KIND = "custom_model_development"
 
 
+# (table, column) pairs of MLflow's SQL schema that hold artifact locations
+_LOCATION_COLUMNS = (
+    ("experiments", "artifact_location"),
+    ("runs", "artifact_uri"),
+    ("logged_models", "artifact_location"),
+    ("model_versions", "source"),
+    ("model_versions", "storage_location"),
+)
+
+
+def relocate_moved_store(uri: str, workdir: Path, artifact_dir: str) -> int:
+    """After the workspace folder moved (or was copied), point its SQLite store at the
+    artifacts beside it. Returns how many stored locations were rewritten.
+
+    MLflow stores artifact locations as absolute ``file://`` URIs (a relative one is resolved
+    at creation), so a moved workspace would keep logging into the old path, recreating it,
+    and its model versions would point at files that are gone. Only a store that lives inside
+    ``workdir`` with its artifacts at ``workdir/artifact_dir`` is rewritten: locations equal to
+    ``<old root>/<artifact_dir>`` (or below it) become ``<workdir>/<artifact_dir>``. A shared
+    store, a server, or artifacts kept elsewhere are left alone.
+    """
+    import sqlite3
+
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return 0
+    workdir = workdir.resolve()
+    db = Path(uri[len(prefix) :])
+    new_root = (workdir / artifact_dir).resolve()
+    if not db.is_file() or not db.resolve().is_relative_to(workdir) or not new_root.is_dir():
+        return 0
+    new = new_root.as_uri()
+    tail = "/" + "/".join(Path(artifact_dir).parts)
+    con = sqlite3.connect(db, timeout=30)
+    try:
+        try:
+            found = [r[0] for r in con.execute("SELECT artifact_location FROM experiments")]
+        except sqlite3.DatabaseError:
+            return 0  # not (yet) an MLflow store
+        olds = {
+            loc
+            for loc in found
+            if loc and loc.startswith("file:") and loc != new and loc.endswith(tail)
+        }
+        changed = 0
+        with con:
+            for old in olds:
+                for table, column in _LOCATION_COLUMNS:
+                    cols = {r[1] for r in con.execute(f"PRAGMA table_info({table})")}
+                    if column not in cols:
+                        continue
+                    n = len(old)
+                    changed += con.execute(
+                        f"UPDATE {table} SET {column} = :new || substr({column}, :n + 1) "
+                        f"WHERE substr({column}, 1, :n) = :old "
+                        f"AND (length({column}) = :n OR substr({column}, :n + 1, 1) = '/')",
+                        {"new": new, "old": old, "n": n},
+                    ).rowcount
+        if olds:
+            log.warning(
+                "the workspace moved: %d MLflow artifact location(s) now point at %s instead of %s",
+                changed,
+                new,
+                ", ".join(sorted(olds)),
+            )
+        return changed
+    finally:
+        con.close()
+
+
 def experiment_id(mlflow, params: Params, workdir: Path, uri: str) -> str:
     """The id of ``params.tracking.experiment``, created (with a local artifact root) if new,
     and tagged as a model-training experiment so the MLflow UI opens it on its runs."""
+    relocate_moved_store(uri, workdir, params.tracking.artifact_dir)
     name = params.tracking.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is not None:
@@ -100,6 +174,7 @@ def client(params: Params, workdir: Path):
     import mlflow
 
     uri = tracking_uri(params, workdir)
+    relocate_moved_store(uri, workdir, params.tracking.artifact_dir)
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
