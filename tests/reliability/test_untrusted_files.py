@@ -41,6 +41,11 @@ def _reseal_meta(folder: Path) -> None:
 def _registered_model_dir(ws: Path, name: str, version: str = "1") -> Path:
     import mlflow
 
+    from transferlab.tracking.store import relocate_moved_store
+
+    # a copied workspace's store still names the original's artifacts until transferlab
+    # first opens it (as every transferlab command does)
+    relocate_moved_store(f"sqlite:///{ws / 'mlruns.db'}", ws, "mlartifacts")
     mlflow.set_tracking_uri(f"sqlite:///{ws / 'mlruns.db'}")
     try:
         local = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/{version}"))
