@@ -36,6 +36,22 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
+def _servers_of(prefect_home: str) -> list[int]:
+    """Temporary Prefect servers running with this PREFECT_HOME."""
+    out = subprocess.run(
+        ["pgrep", "-f", "transferlab_flows.ephemeral"], capture_output=True, text=True
+    ).stdout
+    found = []
+    for pid in map(int, out.split()):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"PREFECT_HOME={prefect_home}".encode() in environ and _alive(pid):
+            found.append(pid)
+    return found
+
+
 _HOLDS_SERVER = textwrap.dedent(
     """
     import sys, time
@@ -136,10 +152,7 @@ def test_slow_prefect_start_fails_clearly(case, probe, tmp_path, tiny_dataset):
     assert "did not answer within 1 s" in message
     assert "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS" in message
     assert "dvc repro" in message and "transferlab pull" in message
-    leftover = subprocess.run(
-        ["pgrep", "-f", f"transferlab_flows.ephemeral .* {os.getpid()}"], capture_output=True
-    )
-    assert leftover.returncode == 1  # no server of ours still running
+    assert _servers_of(env["PREFECT_HOME"]) == []  # no server of this test still running
 
 
 _MARK = textwrap.dedent(
