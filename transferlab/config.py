@@ -381,6 +381,18 @@ class LearningCurveParams(Section):
     )
     # per method, keys that replace its params.yaml section for this experiment only
     method_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+
+    @field_validator("method_overrides")
+    @classmethod
+    def _overrides(cls, v: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        # checked here, so a typo fails when params.yaml is read, not an hour into the run
+        for name, over in v.items():
+            if name not in METHODS:
+                raise ValueError(
+                    f"method_overrides: unknown method {name!r}; allowed: {', '.join(METHODS)}"
+                )
+            METHODS[name].params.model_validate(over)
+        return v
     test_per_class: int = Field(100, ge=1)
     val_per_class: int = Field(10, ge=1, description="per seed, for early stopping")
     pool_per_class: int = Field(1500, ge=2, description="each seed draws its subsets from it")

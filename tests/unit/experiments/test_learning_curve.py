@@ -170,3 +170,19 @@ def test_cli_runs_all_three_methods_and_logs_to_mlflow(tmp_path, tiny_dataset):
     hist = client.get_metric_history(top.info.run_id, "test_acc_mean")
     assert sorted(m.step for m in hist) == [1, 3]
     assert len(client.get_metric_history(top.info.run_id, "test_acc_ci_low")) == 2
+
+
+def test_method_overrides_apply_to_the_experiment_only_and_typos_fail_early():
+    from transferlab.config import LearningCurveParams, Params
+    from transferlab.experiments.learning_curve import with_overrides
+
+    params = Params(
+        learning_curve={"method_overrides": {"svm": {"C": [0.5]}, "full": {"epochs": 9}}}
+    )
+    effective = with_overrides(params)
+    assert effective.svm.C == (0.5,) and effective.full.epochs == 9
+    assert params.svm.C != (0.5,)  # the pipeline's sections are untouched
+    with pytest.raises(ValueError, match="unknown method 'svn'"):
+        LearningCurveParams(method_overrides={"svn": {}})
+    with pytest.raises(ValueError, match="Extra inputs"):
+        LearningCurveParams(method_overrides={"svm": {"CC": 1}})
