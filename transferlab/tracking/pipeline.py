@@ -41,7 +41,7 @@ RUN_TYPE_TAG = "transferlab.run_type"
 PIPELINE = "pipeline"
 # Child metrics copied onto the parent run (as ``<method>.<key>``), so the runs table shows
 # each method's accuracy and robustness on the parent's row.
-SUMMARY_KEYS = ("test_acc", "val_acc")
+SUMMARY_KEYS = ("test_acc", "test_acc_ci_low", "test_acc_ci_high", "val_acc")
 SUMMARY_MARK = "_at_"  # robust_acc_<attack>_at_<k>_255 (see transferlab.report.summary_key)
 
 
