@@ -749,6 +749,38 @@ def write_outputs(
 COMMAND = "transferlab experiment learning-curve --params params.yaml"
 
 
+def load_outputs(folder: Path) -> tuple[list[dict], dict[tuple[str, int, int], np.ndarray]]:
+    """``runs.csv`` and ``outcomes.npz`` of a finished (or stopped) run, back as the rows and
+    outcomes :func:`write_outputs` takes: to rewrite the summary, or to merge runs of parts of
+    the grid (say, the backbone-training methods run apart)."""
+    import csv
+    import re
+
+    with open(folder / "runs.csv", newline="", encoding="utf-8") as f:
+        raw = list(csv.DictReader(f))
+    ints = {"n_per_class", "seed", "n_train", "n_test", "best_epoch", "epochs_run"}
+    rows = []
+    for r in raw:
+        row: dict = {}
+        for k, v in r.items():
+            if v == "":
+                continue
+            if k == "method":
+                row[k] = v
+            elif k in ints:
+                row[k] = int(float(v))
+            else:
+                row[k] = float(v)
+        rows.append(row)
+    outcomes = {}
+    with np.load(folder / "outcomes.npz") as z:
+        for key in z.files:
+            m = re.fullmatch(r"(.+)_n(\d+)_seed(\d+)", key)
+            if m:
+                outcomes[(m[1], int(m[2]), int(m[3]))] = z[key].astype(bool)
+    return rows, outcomes
+
+
 def method_settings(params: Params) -> str:
     """One line per method of the settings a reader needs to judge the budget it got."""
     lc = params.learning_curve

@@ -186,3 +186,18 @@ def test_method_overrides_apply_to_the_experiment_only_and_typos_fail_early():
         LearningCurveParams(method_overrides={"svn": {}})
     with pytest.raises(ValueError, match="Extra inputs"):
         LearningCurveParams(method_overrides={"svm": {"CC": 1}})
+
+
+def test_outputs_load_back_for_a_rewrite_or_a_merge(tmp_path):
+    from transferlab.config import LearningCurveParams
+    from transferlab.experiments.learning_curve import load_outputs, write_outputs
+
+    rows, outcomes = _rows_and_outcomes({"svm": [0.5, 0.7], "top": [0.4, 0.6]}, n_test=50)
+    for r in rows:
+        r |= {"best_C": 0.001} if r["method"] == "svm" else {"best_epoch": 3}
+    lc = LearningCurveParams(out_dir=tmp_path / "lc", methods=("svm", "top"), seeds=(0, 1))
+    write_outputs(rows, outcomes, lc, tmp_path, "cmd")
+    back_rows, back_outcomes = load_outputs(tmp_path / "lc")
+    assert back_rows == rows
+    assert back_outcomes.keys() == outcomes.keys()
+    assert all((back_outcomes[k] == v).all() for k, v in outcomes.items())
