@@ -371,11 +371,11 @@ class LearningCurveParams(Section):
     # ordered as the lecture ranks them, from the few-images winner to the many-images winner
     methods: tuple[str, ...] = Field(("svm", "top", "full"), min_length=1)
     n_per_class: tuple[Annotated[int, Field(ge=1)], ...] = Field(
-        (1, 5, 20, 100, 1000), min_length=1
+        (1, 5, 10, 20, 100, 1000), min_length=1
     )
     # methods that train the backbone are slow on a CPU: their own (smaller) grid and seeds
     backbone_n_per_class: tuple[Annotated[int, Field(ge=1)], ...] = (10,)
-    seeds: tuple[Seed, ...] = Field((0, 1, 2), min_length=1)
+    seeds: tuple[Seed, ...] = Field((0, 1), min_length=1)
     backbone_seeds: tuple[Seed, ...] | None = Field(
         None, min_length=1, description="null: all seeds"
     )

@@ -580,7 +580,8 @@ def _cell(row: dict, m: str, seeds: int | None = None) -> str:
         return "-"
     cell = f"{row[f'{m}_mean']:.3f} [{row[f'{m}_ci_low']:.3f}, {row[f'{m}_ci_high']:.3f}]"
     if seeds is not None and row[f"{m}_seeds"] != seeds:
-        cell += f" ({row[f'{m}_seeds']} seeds)"
+        k = row[f"{m}_seeds"]
+        cell += f" ({k} seed{'s' if k != 1 else ''})"
     return cell
 
 
