@@ -19,6 +19,7 @@ from transferlab.config import GateParams
 from transferlab.stats import LOSS, TIE, WIN, mcnemar, overlap_verdict, wilson
 
 STRONGEST = "strongest"
+INCOMPARABLE = "incomparable"
 
 
 @dataclass(frozen=True)
@@ -182,7 +183,7 @@ def compare(
     """
     value, best = getattr(candidate, name), getattr(champion, name)
     if name == "robust_acc" and candidate.attack != champion.attack:
-        return "unknown", f"the champion was judged under {champion.attack or 'another attack'}"
+        return INCOMPARABLE, f"the champion was judged under {champion.attack or 'another attack'}"
     out_field = name.replace("_acc", "_outcomes")
     a, b = getattr(candidate, out_field), getattr(champion, out_field)
     if a is not None and b is not None and candidate.images == champion.images and len(a) == len(b):
@@ -242,7 +243,10 @@ def decide(candidate: GateMetrics, champion: GateMetrics | None, gate: GateParam
         verdict, how = compare(candidate, champion, name, gate.alpha)
         verdicts.append(verdict)
         said = f"{name} {value:.4f} vs champion {best:.4f}"
-        if verdict == "unknown":
+        if verdict == INCOMPARABLE:
+            # e.g. a champion judged under FGSM alone: its number says nothing about this one
+            passes.append(f"{said}: not comparable, not held against it ({how})")
+        elif verdict == "unknown":
             # a champion judged before intervals: only a drop past max_drop counts
             if value < best - gate.max_drop:
                 fails.append(f"{said}: falls more than {gate.max_drop:.4f} ({how})")
@@ -255,7 +259,7 @@ def decide(candidate: GateMetrics, champion: GateMetrics | None, gate: GateParam
             passes.append(f"{said}: significantly better ({how})")
         else:
             passes.append(f"{said}: {TIE} ({how})")
-    judged = [v for v in verdicts if v != "unknown"]
+    judged = [v for v in verdicts if v not in ("unknown", INCOMPARABLE)]
     if judged and not wins and not fails:
         fails.append(
             "not significantly better than the champion on clean or robust accuracy: "

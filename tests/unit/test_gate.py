@@ -156,3 +156,14 @@ def test_gate_params_validate():
     with pytest.raises(ValueError, match="strongest"):
         GateParams(attack="pgdd")
     assert GateParams().attack == "strongest" and GateParams().alpha == 0.05
+
+
+def test_a_champion_judged_under_another_attack_is_not_held_against_the_candidate():
+    fgsm_champion = M(0.9, 0.6, attack="fgsm")  # judged before the strongest evaluation
+    candidate = M(0.9, 0.1, attack="strongest (fgsm, pgd)")
+    decision = decide(candidate, fgsm_champion, GATE_LOW_FLOOR)
+    assert decision.promote, decision.reasons
+    assert any("not comparable" in r for r in decision.reasons)
+
+
+GATE_LOW_FLOOR = GateParams(eps="4/255", min_clean_acc=0.7, min_robust_acc=0.0, max_drop=0.05)
