@@ -202,3 +202,30 @@ def test_the_backbone_comes_back_in_the_layout_it_came_in(random_lite0, tiny_ima
     train_full(backbone=random_lite0, n_classes=3, params=params, x_train=x, y_train=y)
     assert not in_channels_last(random_lite0)
     assert all(p.is_contiguous() for p in random_lite0.parameters())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "planted-pickle"])
+def test_a_damaged_checkpoint_is_never_unpickled(
+    random_lite0, tiny_images, tmp_path, damage, caplog
+):
+    """A truncated checkpoint is a lost cache (start afresh); a planted pickle is refused."""
+    from tests.unit.test_tensor_files import plant_pickle
+    from transferlab.tensor_files import UnsafeFileError
+
+    x, y, _, _ = tiny_images
+    ckpt = tmp_path / "full.pt"
+    marker = tmp_path / "pwned"
+    if damage == "truncated":
+        ckpt.write_bytes(b"PK\x03\x04 truncated")
+    else:
+        plant_pickle(ckpt, marker)
+    params = FullParams(**FAST, epochs=1)
+    kwargs = dict(backbone=random_lite0, n_classes=3, x_train=x, y_train=y, params=params)
+    if damage == "truncated":
+        res = train_full(**kwargs, checkpoint=ckpt, fingerprint="t")
+        assert res.resumed_from == -1 and "starting afresh" in caplog.text
+        assert str(ckpt) in caplog.text
+    else:
+        with pytest.raises(UnsafeFileError, match="refusing to load"):
+            train_full(**kwargs, checkpoint=ckpt, fingerprint="t")
+        assert not marker.exists()
