@@ -353,8 +353,9 @@ def learning_curve(
     loaded = _setup(params, verbose, quiet)
     from transferlab.experiments.learning_curve import learning_curve_experiment
     from transferlab.progress import logs_above_bars
+    from transferlab.workspace import workspace_lock
 
-    with logs_above_bars():
+    with workspace_lock(Path.cwd()), logs_above_bars():  # it writes out_dir and MLflow
         result = learning_curve_experiment(loaded, Path.cwd())
     if not quiet:
         out.print_json(data={k: v for k, v in result.items() if k != "summary"})
@@ -386,8 +387,9 @@ def active_learning(
     loaded = _setup(params, verbose, quiet)
     from transferlab.active.experiment import active_learning_experiment
     from transferlab.progress import logs_above_bars
+    from transferlab.workspace import workspace_lock
 
-    with logs_above_bars():
+    with workspace_lock(Path.cwd()), logs_above_bars():  # it writes out_dir and MLflow
         result = active_learning_experiment(loaded, Path.cwd())
     if not quiet:
         out.print_json(data=result)
