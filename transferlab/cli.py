@@ -113,6 +113,8 @@ def _configure_logging(level: int) -> None:
     fmt = "%(levelname)s %(where)s: %(message)s"
     if not sys.stderr.isatty():
         fmt = "%(asctime)s " + fmt
+        # MLflow draws its own tqdm bars (artifact up/downloads), cursor codes and all
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     # MLflow would give its loggers a handler and format of their own (lines starting with a
     # date, apart from ours); let them reach this one instead.
     os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")
@@ -932,13 +934,15 @@ def _print_ui_links(base: str, root: Path, params) -> None:
     import json as _json
 
     from transferlab.report import series_key
-    from transferlab.tracking import comparison_url
+    from transferlab.tracking import comparison_url, experiment_url
 
     results = root / "reports" / "results.json"
     if not results.is_file():
         return
     ml = _json.loads(results.read_text()).get("mlflow", {})
     exp = ml.get("experiment_id")
+    if exp:
+        out.print(f"experiment: {experiment_url(base, exp)}", highlight=False, soft_wrap=True)
     if exp and ml.get("parent"):
         run = f"{base}/#/experiments/{exp}/runs/{ml['parent']}"
         out.print(f"last pipeline run: {run}", highlight=False, soft_wrap=True)

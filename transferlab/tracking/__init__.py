@@ -17,7 +17,13 @@ from transferlab.tracking.attack_eval import log_attack_eval
 from transferlab.tracking.gate import apply_gate, champion_of
 from transferlab.tracking.learning_curve import log_learning_curve
 from transferlab.tracking.pipeline import MODEL_REQUIREMENTS, MethodRecord, log_pipeline_run
-from transferlab.tracking.queries import UI_ENV, comparison_url, recent_runs, ui_command
+from transferlab.tracking.queries import (
+    UI_ENV,
+    comparison_url,
+    experiment_url,
+    recent_runs,
+    ui_command,
+)
 from transferlab.tracking.registry import (
     CANDIDATE_ALIAS,
     LINEAGE_TAGS,
@@ -49,6 +55,7 @@ __all__ = [
     "check_tracking_store",
     "close_orphaned_runs",
     "comparison_url",
+    "experiment_url",
     "get_model_version",
     "git_state",
     "load_registered_model",

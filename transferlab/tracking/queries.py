@@ -89,6 +89,13 @@ def ui_command(params: Params, workdir: Path, *, host: str, port: int) -> list[s
 UI_ENV = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
 
 
+def experiment_url(base: str, experiment_id: str) -> str:
+    """A link that opens the experiment on its runs table. MLflow 3.17's UI remembers a global
+    GenAI / model-training switch per browser (GenAI by default) and, from a bare experiment link,
+    opens the GenAI overview whatever the experiment's kind tag says; the query names the mode."""
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def comparison_url(base: str, experiment_id: str, run_ids: list[str], metrics: list[str]) -> str:
     """A link to MLflow's metric view of ``metrics`` over ``run_ids`` against the step (for
     ``robust_acc_vs_eps/<attack>``, step = eps * 255): a comparison that lives in the URL, so
@@ -100,7 +107,8 @@ def comparison_url(base: str, experiment_id: str, run_ids: list[str], metrics: l
         return quote(json.dumps(value, separators=(",", ":")), safe="")
 
     return (
-        f"{base.rstrip('/')}/#/metric/{quote(metrics[0], safe='')}?runs={arg(run_ids)}"
+        f"{base.rstrip('/')}/#/metric?runs={arg(run_ids)}&metric={arg(metrics[0])}"
         f"&experiments={arg([experiment_id])}&plot_metric_keys={arg(metrics)}"
         "&plot_layout=%7B%7D&x_axis=step&y_axis_scale=linear&line_smoothness=1&show_point=true"
+        "&deselected_curves=%5B%5D&last_linear_y_axis_range=%5B%5D"
     )
