@@ -113,9 +113,11 @@ class _LineWriter:
     def write(self, text: str) -> int:
         for piece in re.split(r"[\r\n]", _ESCAPES.sub("", text)):
             line = piece.strip()
-            if line and line != self._last:
+            # a redraw with the same count but a later clock (tqdm's monitor thread) is no news
+            key = re.sub(r"\[.*\]", "", line)
+            if line and key != self._last:
                 self._stream.write(line + "\n")
-                self._last = line
+                self._last = key
         return len(text)
 
     def flush(self) -> None:
