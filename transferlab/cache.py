@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from transferlab.atomic import atomic_write
+from transferlab.atomic import atomic_write, write_json
 from transferlab.data.manifest import file_sha256
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ def atomic_write_bytes(dest: Path, data: bytes) -> None:
 
 
 def atomic_write_json(dest: Path, obj: object) -> None:
-    atomic_write_bytes(dest, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    """``transferlab.atomic.write_json``, then the folder synced like ``atomic_write_bytes``."""
+    write_json(dest, obj)
+    _fsync_dir(dest.parent)
 
 
 def write_shard(folder: Path, shas: Sequence[str], features: np.ndarray) -> Path:

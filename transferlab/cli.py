@@ -790,11 +790,11 @@ def _compact(value: object) -> str:
 def results_table(rows: list[dict], *, report_eps: float) -> Table:
     """The results as a table that fits 80 columns: short distinct headers (robust accuracy as
     ``<attack>@<eps>``), compact numbers; a long cell wraps inside its row."""
-    from fractions import Fraction
-
     from rich import box
 
-    eps = str(Fraction(report_eps).limit_denominator(1000))
+    from transferlab.eps import Eps
+
+    eps = Eps(report_eps).label
     table = Table(
         title=f"transferlab results (test accuracy; robust accuracy at eps {eps})",
         box=box.SIMPLE_HEAD,

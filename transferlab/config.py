@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from fractions import Fraction
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -23,6 +22,7 @@ from pydantic import (
     model_validator,
 )
 
+from transferlab.eps import Eps, EpsField
 from transferlab.methods import (  # noqa: F401  (re-exported: the sections' old home)
     METHODS,
     FullParams,
@@ -68,24 +68,9 @@ def _data_names(v: tuple[str, ...], what: str) -> tuple[str, ...]:
     return out
 
 
-def parse_eps(value: Any) -> float:
-    """Turn ``4/255``, ``"0.03"`` or ``0.03`` into a float in [0, 1]."""
-    if isinstance(value, bool):
-        raise ValueError(f"eps must be a number or a fraction like '4/255', got {value!r}")
-    if isinstance(value, int | float):
-        eps = float(value)
-    elif isinstance(value, str):
-        try:
-            eps = float(Fraction(value.replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
-            raise ValueError(
-                f"eps {value!r} does not parse; write a number or a fraction like '4/255'"
-            ) from None
-    else:
-        raise ValueError(f"eps must be a number or a fraction like '4/255', got {value!r}")
-    if not 0.0 <= eps <= 1.0:
-        raise ValueError(f"eps {value!r} is outside [0, 1] (pixel space, images in [0, 1])")
-    return eps
+def parse_eps(value: Any) -> Eps:
+    """``4/255``, ``"0.03"`` or ``0.03`` as an ``Eps`` in [0, 1] (see ``transferlab.eps``)."""
+    return Eps.parse(value)
 
 
 # ---------------------------------------------------------------- data
@@ -393,6 +378,7 @@ class LearningCurveParams(Section):
                 )
             METHODS[name].params.model_validate(over)
         return v
+
     test_per_class: int = Field(100, ge=1)
     val_per_class: int = Field(10, ge=1, description="per seed, for early stopping")
     pool_per_class: int = Field(1500, ge=2, description="each seed draws its subsets from it")
@@ -558,10 +544,10 @@ class MaskingParams(Section):
     """Gradient-masking probes (transferlab/masking.py), judged by the sanity flags."""
 
     enabled: bool = False
-    eps: float | None = None  # null: attack.report_eps
+    eps: EpsField | None = None  # null: attack.report_eps
     steps: tuple[int, ...] = (1, 4, 20)  # PGD steps of eps / 4 from the clean image
     square_queries: int = Field(200, ge=0, description="black-box probe (0: none)")
-    large_eps: float = 64 / 255
+    large_eps: EpsField = Eps(64 / 255)
 
     _eps = field_validator("eps", mode="before")(classmethod(lambda cls, v: _optional_eps(v)))
     _large = field_validator("large_eps", mode="before")(classmethod(lambda cls, v: parse_eps(v)))
@@ -618,7 +604,7 @@ class TransferParams(Section):
 
     sources: tuple[str, ...] = ()
     attack: WhiteBoxName = "mifgsm"
-    eps: float = 4 / 255
+    eps: EpsField = Eps(4 / 255)
 
     _eps = field_validator("eps", mode="before")(classmethod(lambda cls, v: parse_eps(v)))
 
@@ -654,8 +640,8 @@ class AttackParams(Section):
     # backbone + its ImageNet head, scored against its own clean prediction)
     models: tuple[str, ...] = Field(default_factory=lambda: attackable_methods()[:1])
     attacks: tuple[AttackName, ...] = ("fgsm",)
-    eps: tuple[float, ...] = (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255)
-    report_eps: float = 4 / 255
+    eps: tuple[EpsField, ...] = tuple(Eps(k / 255) for k in (0, 1, 2, 4, 8))
+    report_eps: EpsField = Eps(4 / 255)
     max_images: int = Field(64, ge=1, description="attack at most this many test images")
     batch_size: int = Field(16, ge=1)
     seed: Seed = 0
@@ -757,7 +743,7 @@ class GateParams(Section):
 
     # strongest: per image, robust only if it survives every attack that ran at eps
     attack: str = "strongest"
-    eps: float = 4 / 255
+    eps: EpsField = Eps(4 / 255)
     min_clean_acc: float = Field(0.5, ge=0.0, le=1.0)
     min_robust_acc: float = Field(0.0, ge=0.0, le=1.0)
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of comparisons")
@@ -859,31 +845,11 @@ def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-SOURCE_KINDS = (
-    "folder",
-    "tuxpaint_photos",
-    "manifest",
-    "idx",
-    "http",
-    "s3",
-    "torchvision",
-    "fashion_mnist",
-)
-
-
+# Every source kind and its model, read off the ``Source`` union (a new kind is one member there).
 _SOURCE_MODELS: dict[str, type[BaseModel]] = {
-    m.model_fields["kind"].default: m
-    for m in (
-        FolderSource,
-        TuxpaintSource,
-        ManifestSource,
-        IdxSource,
-        HttpSource,
-        S3Source,
-        TorchvisionSource,
-        FashionMnistSource,
-    )
+    m.model_fields["kind"].default: m for m in get_args(get_args(Source)[0])
 }
+SOURCE_KINDS = tuple(_SOURCE_MODELS)
 
 
 def _one_line(err: ValidationError, file: Path) -> str:

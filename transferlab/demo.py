@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from transferlab.eps import Eps
+
 log = logging.getLogger(__name__)
 
 
@@ -61,7 +63,7 @@ def fgsm_demo(
             {
                 "x": x[0],
                 "x_adv": result.x_adv[0],
-                "title": f"FGSM eps={eps * 255:g}/255",
+                "title": f"FGSM eps={Eps(eps).label}",
                 "clean": f"{before[0][0][:28]} ({before[0][1]:.0%})",
                 "adv": f"{after[0][0][:28]} ({after[0][1]:.0%})",
             }

@@ -13,6 +13,8 @@ from torch import Tensor, nn
 
 from transferlab.atomic import atomic_write
 from transferlab.attacks import BLACKBOX_ATTACKS, Attack, AttackResult, make_attack, sweep
+from transferlab.eps import Eps
+from transferlab.inference import logits
 from transferlab.masking import LARGE_EPS, masking_flags
 from transferlab.progress import progress
 from transferlab.stats import wilson
@@ -25,14 +27,6 @@ SHARD_VERSION = 1
 # it goes to metrics/attack.json's "outcomes", not into the CSV.
 OUTCOMES = "robust_outcomes"
 CLEAN_OUTCOMES = "clean_outcomes"
-
-
-def predict(model: nn.Module, x01: Tensor, *, batch_size: int = 32) -> Tensor:
-    """(N,) predicted class indices for images in [0, 1]."""
-    with torch.inference_mode():
-        return torch.cat(
-            [model(x01[i : i + batch_size]).argmax(1) for i in range(0, len(x01), batch_size)]
-        )
 
 
 def _stats(values: Tensor) -> tuple[float, float]:
@@ -119,14 +113,6 @@ def robustness_sweep(
     if store is not None:
         log.info("attack: %d of %d shards reused from %s", reused, total, store.folder)
     return rows
-
-
-def logits(model: nn.Module, x01: Tensor, *, batch_size: int = 32) -> Tensor:
-    """(N, K) float32 logits for images in [0, 1], batched, without gradients."""
-    with torch.inference_mode():
-        return torch.cat(
-            [model(x01[i : i + batch_size]).float() for i in range(0, len(x01), batch_size)]
-        )
 
 
 def run_shards(model: nn.Module, attacks: list[Attack], x01: Tensor, goal: Tensor) -> list[dict]:
@@ -230,11 +216,6 @@ def _row(
     }
 
 
-def eps_key(eps: float) -> str:
-    """The key of one eps in ``metrics/attack.json``: ``eps_4/255``."""
-    return f"eps_{eps * 255:g}/255"
-
-
 def scalar_fields(row: dict) -> dict:
     """A sweep row without its per-image lists (what the CSV and MLflow take)."""
     return {k: v for k, v in row.items() if k not in (OUTCOMES, CLEAN_OUTCOMES)}
@@ -257,12 +238,12 @@ def attack_evidence(rows: list[dict]) -> tuple[dict, dict]:
     for r in rows:
         m = r["model"]
         iv = intervals.setdefault(m, {"clean_acc": [r["clean_acc_ci_low"], r["clean_acc_ci_high"]]})
-        iv.setdefault(r["attack"], {})[eps_key(r["eps"])] = [
+        iv.setdefault(r["attack"], {})[Eps(r["eps"]).key] = [
             r["robust_acc_ci_low"],
             r["robust_acc_ci_high"],
         ]
         oc = outcomes.setdefault(m, {"clean": r[CLEAN_OUTCOMES]})
-        oc.setdefault(r["attack"], {})[eps_key(r["eps"])] = r[OUTCOMES]
+        oc.setdefault(r["attack"], {})[Eps(r["eps"]).key] = r[OUTCOMES]
     return intervals, outcomes
 
 

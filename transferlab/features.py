@@ -16,14 +16,13 @@ import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from transferlab.atomic import atomic_write
+from transferlab.atomic import atomic_write, write_json
 from transferlab.backbones import (
     Backbone,
     BackboneSpec,
@@ -31,16 +30,24 @@ from transferlab.backbones import (
     resize_crop_transform,
     to_unit_float,
 )
-from transferlab.cache import EntriesLost, FeatureCache, atomic_write_json, record_run
+from transferlab.cache import EntriesLost, FeatureCache, record_run
 from transferlab.data import open_rgb
 from transferlab.layout import PARTS, split_rows
+from transferlab.precision import (
+    BF16_ISA,
+    bf16_native,
+    choose,
+    cpu_flags,
+    prediction_agreement,
+    probe_sample,
+)
 from transferlab.progress import progress
 
 __all__ = [
     "ExtractStats",
     "FeatureCache",
     "atomic_save_npz",
-    "bf16_capable",
+    "bf16_native",
     "extract_features",
     "key_space",
     "load_images",
@@ -52,11 +59,6 @@ log = logging.getLogger(__name__)
 
 LAYER = "pooled"
 AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-# bf16 must agree with fp32 this well on real images to be picked by `auto` (the issue's bar)
-AGREE_MEAN_COS = 0.999
-AGREE_MIN_COS = 0.99
-# ... and be at least this much faster, or fp32 (exact) wins
-AUTO_MIN_SPEEDUP = 1.15
 # torch.compile costs tens of seconds on a CPU; below this many new images it cannot pay off
 COMPILE_MIN_IMAGES = 512
 
@@ -87,36 +89,11 @@ def key_space(backbone: Backbone, *, background: tuple[int, int, int], precision
 # ------------------------------------------------------------------ hardware choices
 
 
-@cache
-def _cpu_flags() -> frozenset[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def bf16_capable(device: torch.device) -> bool:
-    """Whether the device computes bf16 natively (so autocast can be faster, not emulated).
-
-    CPUs: AMX (``amx_bf16``) or AVX-512-BF16 (``avx512_bf16``) in /proc/cpuinfo. CUDA: what
-    ``torch.cuda.is_bf16_supported()`` says (Ampere and newer).
-    """
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return bool({"amx_bf16", "avx512_bf16"} & _cpu_flags())
-    return False
-
-
 def _device_tag(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     # the verdict depends on the instruction set and on how many threads share the work
-    isa = "+".join(sorted({"amx_bf16", "avx512_bf16"} & _cpu_flags())) or "none"
+    isa = "+".join(sorted(BF16_ISA & cpu_flags())) or "none"
     return f"cpu:{platform.machine()}:{isa}:threads={torch.get_num_threads()}"
 
 
@@ -128,43 +105,48 @@ def cosine_agreement(a: np.ndarray, b: np.ndarray) -> tuple[float, float]:
     return float(cos.mean()), float(cos.min())
 
 
-def _timed_features(model: Backbone, x: torch.Tensor, precision: str, reps: int = 2):
+def _timed_features(model: Backbone, x: torch.Tensor, precision: str, batch_size: int):
+    """(seconds, (N, D) features) for ``x`` in batches, after one warm-up batch."""
     dtype = AUTOCAST[precision]
     with (
         torch.inference_mode(),
         torch.autocast(x.device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None),
     ):
-        out = model.features(x).float()  # warm-up: kernels, allocator
+        model.features(x[:batch_size])  # warm-up: kernels, allocator
         start = time.perf_counter()
-        for _ in range(reps):
-            out = model.features(x).float()
+        out = [model.features(x[i : i + batch_size]).float() for i in range(0, len(x), batch_size)]
         if x.device.type == "cuda":
             torch.cuda.synchronize()
-    return (time.perf_counter() - start) / reps, out.cpu().numpy()
+    return time.perf_counter() - start, torch.cat(out).cpu().numpy()
 
 
-def probe_bf16(backbone: Backbone, x: torch.Tensor) -> dict:
-    """Time fp32 against bf16 autocast on real images and measure their agreement.
+def probe_bf16(
+    backbone: Backbone, x: torch.Tensor, labels: Sequence[str], *, batch_size: int = 16
+) -> dict:
+    """Time fp32 against bf16 autocast on real images and compare what they lead to.
 
     Args:
         x: (N, 3, S, S) images in [0, 1], already on the backbone's device.
+        labels: (N,) their classes.
 
     Returns:
-        ``{"speedup", "mean_cos", "min_cos", "choice"}``; choice is ``bf16`` only when it is
-        at least ``AUTO_MIN_SPEEDUP`` faster and agrees (mean/min cosine bars).
+        ``{"speedup", "svm", "top", "n_test", "mean_cos", "min_cos", "choice"}``: the svm/top
+        prediction agreement of ``transferlab.precision.prediction_agreement``; choice by
+        ``transferlab.precision.choose`` (faster, and >= 99.5% of predictions unchanged).
     """
     model = backbone.to(memory_format=torch.channels_last).eval()
     x = x.contiguous(memory_format=torch.channels_last)
-    t32, f32 = _timed_features(model, x, "fp32")
-    t16, f16 = _timed_features(model, x, "bf16")
+    t32, f32 = _timed_features(model, x, "fp32", batch_size)
+    t16, f16 = _timed_features(model, x, "bf16", batch_size)
     mean_cos, min_cos = cosine_agreement(f32, f16)
     speedup = t32 / t16
-    good = speedup >= AUTO_MIN_SPEEDUP and mean_cos >= AGREE_MEAN_COS and min_cos >= AGREE_MIN_COS
+    agreement = prediction_agreement(f32, f16, labels)
     return {
         "speedup": round(speedup, 3),
+        **agreement,
         "mean_cos": mean_cos,
         "min_cos": min_cos,
-        "choice": "bf16" if good else "fp32",
+        "choice": choose(speedup, agreement),
     }
 
 
@@ -173,22 +155,34 @@ def resolve_precision(
     backbone: Backbone,
     sample: Sequence[Path],
     *,
+    labels: Sequence[str] | None = None,
     cache_root: Path,
     background=(255, 255, 255),
     batch_size: int = 16,
 ) -> str:
     """Turn ``auto`` into ``fp32`` or ``bf16``; other values pass through.
 
-    ``auto`` is ``fp32`` unless the device computes bf16 natively; then a probe on up to one batch
-    of the real images (``sample``) decides, and its verdict is stored in the cache folder
-    (``precision.json``, per backbone, weights, device and torch version) so it runs once.
+    ``auto`` is ``fp32`` unless the device computes bf16 natively; then a probe on a stratified
+    sample of the real images (``sample``, with their ``labels``) decides
+    (``transferlab.precision``: faster, and the svm/top predictions unchanged), and its verdict
+    is stored in the cache folder (``precision.json``, per backbone, weights, device, torch
+    version and sample) so it runs once. Without labels there is nothing to judge by: ``fp32``.
     """
     if requested != "auto":
         return requested
     device = next(backbone.parameters()).device
-    if not bf16_capable(device):
+    if not bf16_native(device) or not labels or len(set(labels)) < 2:
         return "fp32"
-    key = f"{backbone.name}|{backbone.weights_digest}|{_device_tag(device)}|{torch.__version__}"
+    chosen = probe_sample(labels)
+    files = [Path(sample[i]) for i in chosen]
+    names = [labels[i] for i in chosen]
+    digest = hashlib.sha256(
+        "|".join(f"{f.name}:{n}" for f, n in zip(files, names, strict=True)).encode()
+    )
+    key = (
+        f"{backbone.name}|{backbone.weights_digest}|{_device_tag(device)}|{torch.__version__}"
+        f"|{digest.hexdigest()[:16]}"
+    )
     store = Path(cache_root) / "precision.json"
     try:
         known = json.loads(store.read_text(encoding="utf-8"))
@@ -196,19 +190,18 @@ def resolve_precision(
         known = {}
     if key in known:
         return known[key]["choice"]
-    if not sample:
-        return "fp32"
-    x = load_images(list(sample)[:batch_size], backbone.spec, background=background).to(device)
-    verdict = probe_bf16(backbone, x)
+    x = load_images(files, backbone.spec, background=background).to(device)
+    verdict = probe_bf16(backbone, x, names, batch_size=batch_size)
     log.info(
-        "precision auto: %s (bf16 %.2fx, cosine mean %.5f min %.5f)",
+        "precision auto: %s (bf16 %.2fx; svm/top predictions agree %.1f%%/%.1f%% on %d images)",
         verdict["choice"],
         verdict["speedup"],
-        verdict["mean_cos"],
-        verdict["min_cos"],
+        100 * verdict["svm"],
+        100 * verdict["top"],
+        verdict["n_test"],
     )
     known[key] = verdict
-    atomic_write_json(store, known)
+    write_json(store, known)
     return verdict["choice"]
 
 
@@ -329,12 +322,15 @@ def extract_features(
     compile: bool = False,
     record: bool = True,
     checkpoint_every: int | None = None,
+    labels: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, ExtractStats]:
     """Features for every image, computing only those the cache has not seen.
 
     Args:
         paths: image files, aligned with ``shas`` (their content digests).
-        precision: ``fp32 | bf16 | fp16`` autocast, or ``auto`` (see ``resolve_precision``).
+        precision: ``fp32 | bf16 | fp16`` autocast, or ``auto`` (see ``resolve_precision``,
+            which judges bf16 by the predictions it leads to on ``labels``, aligned with
+            ``paths``).
         batch_size: an int, or ``auto`` (see ``resolve_batch_size``).
         record: write this run's hit/miss counts to ``<cache_root>/last_run.json``.
         checkpoint_every: write a cache shard after each this many new images, so a killed
@@ -349,7 +345,13 @@ def extract_features(
     background = tuple(background)
     bs = resolve_batch_size(batch_size, backbone)
     precision = resolve_precision(
-        precision, backbone, paths, cache_root=cache_root, background=background, batch_size=bs
+        precision,
+        backbone,
+        paths,
+        labels=labels,
+        cache_root=cache_root,
+        background=background,
+        batch_size=bs,
     )
     space = key_space(backbone, background=background, precision=precision)
     cache = FeatureCache(cache_root, space)

@@ -16,6 +16,7 @@ import hashlib
 from dataclasses import dataclass
 
 from transferlab.config import GateParams
+from transferlab.eps import Eps
 from transferlab.stats import LOSS, TIE, WIN, mcnemar, overlap_verdict, wilson
 
 STRONGEST = "strongest"
@@ -58,7 +59,7 @@ class GateDecision:
 
 def eps_key(eps: float) -> str:
     """The key ``stages.attack`` writes for one eps in ``metrics/attack.json``: ``eps_4/255``."""
-    return f"eps_{eps * 255:g}/255"
+    return Eps(eps).key
 
 
 def images_digest(sha256s: list[str]) -> str:
@@ -223,7 +224,7 @@ def decide(candidate: GateMetrics, champion: GateMetrics | None, gate: GateParam
     )
     for name, value, floor in checks:
         if value is None:
-            fails.append(f"{name} was not measured (is eps {gate.eps * 255:g}/255 in the sweep?)")
+            fails.append(f"{name} was not measured (is eps {Eps(gate.eps).label} in the sweep?)")
         elif value < floor:
             fails.append(f"{name} {value:.4f} < floor {floor:.4f}")
         else:

@@ -7,6 +7,7 @@ from pathlib import Path
 import matplotlib
 
 from transferlab.atomic import atomic_write
+from transferlab.eps import Eps
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -112,7 +113,7 @@ def plot_transfer_matrix(rows: list[dict], out: Path) -> Path:
     ax.set_ylabel("source (crafted on)")
     if rows:
         ax.set_title(
-            f"Transfer robust accuracy\n{rows[0]['attack']}, eps {rows[0]['eps'] * 255:g}/255",
+            f"Transfer robust accuracy\n{rows[0]['attack']}, eps {Eps(rows[0]['eps']).label}",
             fontsize=10,
         )
     fig.colorbar(im, ax=ax, fraction=0.046)
@@ -154,7 +155,7 @@ def summary_key(attack: str, eps: float) -> str:
     """The MLflow name of an attack's robust accuracy at the report eps, e.g.
     ``robust_acc_pgd_at_4_255`` for 4/255 (MLflow names allow no ``@``, and a ``/`` would
     make the UI file the metric under a chart group of its own)."""
-    return f"robust_acc_{attack}_at_{eps * 255:g}_255".replace(".", "p")
+    return Eps(eps).headline(attack)
 
 
 def series_key(attack: str) -> str:
@@ -177,7 +178,7 @@ def attach_robustness(record, rows: list[dict], *, report_eps: float | None = No
             record.series.setdefault(series_key(r["attack"]), []).append(
                 (round(r["eps"] * 255), r["robust_acc"])
             )
-            keys = [f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"]
+            keys = [Eps(r["eps"]).metric(r["attack"])]
             if report_eps is not None and abs(r["eps"] - report_eps) < 1e-9:
                 keys.append(summary_key(r["attack"], report_eps))
             for key in keys:

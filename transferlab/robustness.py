@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from transferlab.config import IMAGENET, Params
+from transferlab.eps import Eps
 from transferlab.layout import dataset_classes, split_rows
 
 if TYPE_CHECKING:
@@ -127,10 +128,10 @@ def attack_labels(params: Params, name: str, model: nn.Module, x: Tensor, y: Ten
     ImageNet model its own clean top-1 prediction (no ImageNet labels for the dataset's images),
     so its "clean accuracy" is 1 and its robust accuracy is the fraction of images whose top-1
     ImageNet class survives the attack."""
-    from transferlab.attacks.transfer import imagenet_labels
+    from transferlab.inference import predict
 
     if name == IMAGENET:
-        return imagenet_labels(model, x, batch_size=params.attack.batch_size)
+        return predict(model, x, batch_size=params.attack.batch_size)
     return y
 
 
@@ -228,7 +229,7 @@ class AttackSession:
     def sweep(self, name: str) -> tuple[list[dict], dict]:
         """All rows for one model (shards already in the work folder are read, not
         recomputed), and a precision check: with bf16, the clean agreement with fp32."""
-        from transferlab.evaluate import logits
+        from transferlab.inference import logits
 
         model, _, key = self.model(name)
         x, y = self.inputs(name)
@@ -305,7 +306,7 @@ def grid_examples(
         {
             "x": x[i],
             "x_adv": x_adv[i],
-            "title": f"{name} / {attack_name} {eps * 255:g}/255\n{classes[int(y[i])][:20]}",
+            "title": f"{name} / {attack_name} {Eps(eps).label}\n{classes[int(y[i])][:20]}",
             "clean": caption(p_clean[i]),
             "adv": caption(p_adv[i]),
         }

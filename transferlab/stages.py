@@ -18,6 +18,7 @@ import numpy as np
 
 from transferlab.atomic import atomic_write, write_json  # noqa: F401
 from transferlab.config import Params
+from transferlab.eps import Eps
 from transferlab.layout import (  # noqa: F401  (the workspace's files, re-exported)
     CONFUSION_DIR,
     FEATURES,
@@ -103,6 +104,7 @@ def _extract_rows(params: Params, root: Path, rows: list[dict], *, record: bool 
         compile=fp.compile,
         record=record,
         checkpoint_every=fp.checkpoint_every,
+        labels=[r["label"] for r in rows],
     )
 
 
@@ -208,7 +210,7 @@ def attack(params: Params, root: Path) -> dict:
             "clean_acc": next(r["clean_acc"] for r in rows if r["model"] == m),
             **{
                 a: {
-                    f"eps_{r['eps'] * 255:g}/255": r["robust_acc"]
+                    Eps(r["eps"]).key: r["robust_acc"]
                     for r in rows
                     if r["model"] == m and r["attack"] == a
                 }
@@ -339,7 +341,7 @@ def _flag_sentence(flag: dict) -> str:
     eps 4/255)." ("warn" and "note" flags read "needs a look")."""
     where = [str(flag[k]) for k in ("model", "attack") if k in flag]
     if isinstance(flag.get("eps"), int | float):
-        where.append(f"at eps {flag['eps'] * 255:g}/255")
+        where.append(f"at eps {Eps(flag['eps']).label}")
     verdict = "failed" if flag["level"] == "fail" else "needs a look"
     detail = f" ({', '.join(where)})" if where else ""
     return f"Sanity check {verdict}: {flag['check']}{detail}."
@@ -421,7 +423,7 @@ def attack_registered(params: Params, root: Path, *, model: str) -> dict:
         "n_images": float(len(y)),
     }
     for r in rows:
-        key = f"robust_acc_{r['attack']}_eps_{r['eps'] * 255:g}"
+        key = Eps(r["eps"]).metric(r["attack"])
         metrics[key] = r["robust_acc"]
         metrics[f"{key}_ci_low"] = r["robust_acc_ci_low"]
         metrics[f"{key}_ci_high"] = r["robust_acc_ci_high"]

@@ -18,8 +18,8 @@ from transferlab_flows.tasks.registry import attack_registered_model
 def attack_eval(model: str, params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """Load ``model`` (NAME@alias or NAME/version) from MLflow, attack it on the workspace's test
     split with ``params.attack``, and log one ``attack-eval`` run."""
-    load_params(params_path)  # fail on a bad params file before any work
-    return attack_registered_model(model, params_path, str(Path(workdir).resolve()))
+    params = load_params(params_path)  # once, before any work: a bad file fails here
+    return attack_registered_model(model, params, str(Path(workdir).resolve()))
 
 
 def main() -> None:

@@ -20,7 +20,7 @@ from prefect import flow, unmapped
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from transferlab.cache import record_run
-from transferlab.config import RunnerParams, load_params
+from transferlab.config import Params, RunnerParams
 from transferlab_flows.tasks.stages import run_feature_shard
 
 
@@ -103,24 +103,23 @@ def restored_environ() -> Iterator[None]:
 
 
 @flow(name="transferlab-features")
-def feature_shards(params_path: str, workdir: str, shards: int) -> list[dict]:
+def feature_shards(params: Params, workdir: str, shards: int) -> list[dict]:
     """Fill the feature cache for every shard of the manifest, in parallel on the task runner."""
     futures = run_feature_shard.map(
-        unmapped(params_path), unmapped(workdir), list(range(shards)), unmapped(shards)
+        unmapped(params), unmapped(workdir), list(range(shards)), unmapped(shards)
     )
     return [f.result() for f in futures]
 
 
-def run_feature_shards(params_path: str, workdir: str) -> list[dict]:
+def run_feature_shards(params: Params, workdir: str) -> list[dict]:
     """Run ``feature_shards`` on the task runner that params.yaml's ``runner`` section names,
     and record the summed hit rate in the cache folder (``transferlab cache info``)."""
-    params = load_params(params_path)
     runner = params.runner
     with restored_environ():
         task_runner = build_task_runner(runner)
         try:
             results = feature_shards.with_options(task_runner=task_runner)(
-                params_path, workdir, n_shards(runner)
+                params, workdir, n_shards(runner)
             )
         finally:
             scratch = scratch_dir(task_runner)

@@ -11,23 +11,23 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from transferlab.config import load_params
+from transferlab.config import Params, load_params
 from transferlab_flows.pipeline import lineage_context
 
 
 @task(name="learning-curve", retries=0)
-def learning_curve_task(params_path: str, workdir: str, context: dict[str, str]) -> dict:
+def learning_curve_task(params: Params, workdir: str, context: dict[str, str]) -> dict:
     from transferlab.experiments.learning_curve import learning_curve_experiment
 
-    result = learning_curve_experiment(load_params(params_path), Path(workdir), context=context)
+    result = learning_curve_experiment(params, Path(workdir), context=context)
     return {k: v for k, v in result.items() if k != "summary"} | {"summary": result["summary"]}
 
 
 @flow(name="transferlab-learning-curve", log_prints=True)
 def learning_curve(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """svm vs top vs full on the same few-shot subsets; returns paths, summary and MLflow ids."""
-    load_params(params_path)  # fail on a bad params file before any work
-    return learning_curve_task(params_path, str(Path(workdir).resolve()), lineage_context())
+    params = load_params(params_path)  # once, before any work: a bad file fails here
+    return learning_curve_task(params, str(Path(workdir).resolve()), lineage_context())
 
 
 def main() -> None:

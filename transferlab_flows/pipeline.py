@@ -29,6 +29,7 @@ from transferlab_flows.tasks.stages import (
     TIMEOUTS,
     outputs_present,
     run_stage,
+    stage_cached,
     stage_tags,
 )
 
@@ -92,6 +93,11 @@ def mark_abandoned_runs(workdir: str) -> list[str]:
     return marked
 
 
+# Work a stage's task only reads back: the feature cache filled shard by shard on the configured
+# runner (the stage then assembles features.npz from it), and the attack's (model, batch) shards.
+PRE_STEPS = {"features": run_feature_shards, "attack": map_attack_batches}
+
+
 @flow(name="transferlab-pipeline", log_prints=True)
 def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """Pull, split, features, svm, attack, report; returns each stage's summary."""
@@ -99,8 +105,10 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     # can come from the environment, e.g. MLFLOW_TRACKING_URI)
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.extra"):
         install_log_redaction(logging.getLogger(name))
-    # fail on a bad params file or an unreachable tracking server before any work
-    check_tracking_store(load_params(params_path), Path(workdir))
+    # parsed once: every task gets this frozen value; fail on a bad params file or an
+    # unreachable tracking server before any work
+    params = load_params(params_path)
+    check_tracking_store(params, Path(workdir))
     workdir = str(Path(workdir).resolve())
     results: dict = {}
     with workspace_lock(Path(workdir)):
@@ -115,13 +123,10 @@ def pipeline(params_path: str = "params.yaml", workdir: str = ".") -> dict:
                 timeout_seconds=TIMEOUTS.get(name, DEFAULT_TIMEOUT),
             )
             context = lineage_context() if name in CONTEXT_STAGES else None
-            if name == "features":
-                # fill the feature cache shard by shard on the configured runner; the stage
-                # below then only assembles features.npz from the cache
-                run_feature_shards(params_path, workdir)
-            if name == "attack":
-                map_attack_batches(params_path, workdir)  # sharded, resumable; the stage reads it
-            results[name] = task(name, params_path, workdir, context)
+            # a stage served from the cache needs no pre-step (it would only find its work done)
+            if name in PRE_STEPS and not stage_cached(name, params, workdir, context):
+                PRE_STEPS[name](params, workdir)
+            results[name] = task(name, params, workdir, context)
     return results
 
 

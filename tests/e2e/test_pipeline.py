@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,51 @@ def comparable(workdir: Path) -> dict:
         data.pop("fit_seconds", None)
         out[rel] = data
     return out
+
+
+@contextlib.contextmanager
+def count_work():
+    """Count params parses, attack-model loads (all, and the attack stage's) and feature shards
+    while the block runs (Prefect runs the tasks in threads of this process)."""
+    import transferlab.robustness
+    import transferlab.stages
+    from transferlab.config import Params
+
+    work = {"parses": 0, "loads": Counter(), "stage_loads": Counter(), "shards": 0}
+    validate = Params.model_validate.__func__
+    load = transferlab.robustness.load_attack_model
+    shard = transferlab.stages.features_shard
+    session_init = transferlab.robustness.AttackSession.__init__
+
+    def counting_validate(cls, *args, **kwargs):
+        work["parses"] += 1
+        return validate(cls, *args, **kwargs)
+
+    def counting_load(params, root, name):
+        work["loads"][name] += 1
+        return load(params, root, name)
+
+    def counting_shard(*args, **kwargs):
+        work["shards"] += 1
+        return shard(*args, **kwargs)
+
+    def counting_session(self, params, root):
+        session_init(self, params, root)
+        model = self.model
+
+        def counting_model(name):
+            if name not in self._models:
+                work["stage_loads"][name] += 1
+            return model(name)
+
+        self.model = counting_model
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(Params, "model_validate", classmethod(counting_validate))
+        mp.setattr(transferlab.robustness, "load_attack_model", counting_load)
+        mp.setattr(transferlab.stages, "features_shard", counting_shard)
+        mp.setattr(transferlab.robustness.AttackSession, "__init__", counting_session)
+        yield work
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +162,17 @@ def test_prefect_flow_gives_the_same_metrics_and_caches(tmp_path, tiny_dataset, 
 
     ws = write_workspace(tmp_path / "prefect_ws", tiny_params(tiny_dataset))
     with prefect_test_harness(server_startup_timeout=60):
-        first = pipeline(params_path=str(ws / "params.yaml"), workdir=str(ws))
+        with count_work() as work:
+            first = pipeline(params_path=str(ws / "params.yaml"), workdir=str(ws))
+        # one parse per flow run; every model the attack stage names loaded once there (and
+        # once per batch task, which decodes only its batch)
+        assert work["parses"] == 1
+        assert work["stage_loads"] == {"svm": 1, "full": 1}
         features_mtime = (ws / "features/features.npz").stat().st_mtime_ns
-        second = pipeline(params_path=str(ws / "params.yaml"), workdir=str(ws))
+        with count_work() as work:
+            second = pipeline(params_path=str(ws / "params.yaml"), workdir=str(ws))
+        # all cached: the pre-steps (feature shards, attack batches) are skipped too
+        assert work == {"parses": 1, "loads": Counter(), "stage_loads": Counter(), "shards": 0}
     assert comparable(ws) == comparable(dvc_workspace)
     runs = mlflow_runs(ws)
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)

@@ -209,7 +209,7 @@ def run_through(ws: Path, tiny_dataset, runner: dict) -> tuple[dict, np.ndarray,
     write_workspace(ws, tiny_params(tiny_dataset, runner=runner))
     params = load_params(ws / "params.yaml")
     stages.pull(params, ws)
-    shards = run_feature_shards(str(ws / "params.yaml"), str(ws))
+    shards = run_feature_shards(params, str(ws))
     summary = stages.features(params, ws)
     with np.load(ws / stages.FEATURES) as z:
         return summary, z["features"], shards

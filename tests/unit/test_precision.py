@@ -6,14 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from transferlab.features import (
-    AGREE_MEAN_COS,
-    AGREE_MIN_COS,
-    AUTOCAST,
-    bf16_capable,
-    cosine_agreement,
-    resolve_precision,
-)
+from transferlab.features import AUTOCAST, cosine_agreement, probe_bf16, resolve_precision
+from transferlab.precision import AUTO_MIN_AGREEMENT, choose, prediction_agreement, probe_sample
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +30,7 @@ def test_bf16_agrees_with_fp32_on_the_imagenet_photos(lite0, imagenet_photos):
     x, labels = imagenet_photos
     f32, f16 = features(lite0, x, "fp32"), features(lite0, x, "bf16")
     mean_cos, min_cos = cosine_agreement(f32, f16)
-    assert mean_cos >= AGREE_MEAN_COS and min_cos >= AGREE_MIN_COS, (mean_cos, min_cos)
+    assert mean_cos >= 0.999 and min_cos >= 0.99, (mean_cos, min_cos)
     with torch.inference_mode():
         top1_32 = lite0.head(torch.from_numpy(f32)).argmax(1)
         top1_16 = lite0.head(torch.from_numpy(f16)).argmax(1)
@@ -74,24 +68,60 @@ def test_svm_on_bf16_features_is_within_half_a_point_of_fp32(lite0):
     assert abs(acc["bf16"] - acc["fp32"]) <= 0.005, acc
 
 
-def test_auto_picks_bf16_only_where_native_faster_and_agreeing(lite0, tmp_path):
-    from importlib import resources
-    from pathlib import Path
+def test_auto_picks_bf16_only_where_faster_and_predictions_agree():
+    agree = {"svm": 1.0, "top": 0.996, "n_test": 500}
+    assert choose(1.5, agree) == "bf16"
+    assert choose(1.1, agree) == "fp32"  # not faster enough: exact fp32 wins
+    assert choose(3.0, {**agree, "top": AUTO_MIN_AGREEMENT - 0.001}) == "fp32"
+    assert choose(3.0, {}) == "fp32"  # nothing measured, nothing chosen
 
-    photos = sorted(Path(str(resources.files("foolbox") / "data")).glob("imagenet_*"))
-    photos = photos[:8]  # one probe batch
-    choice = resolve_precision("auto", lite0, photos, cache_root=tmp_path, batch_size=8)
-    if not bf16_capable(torch.device("cpu")):
-        assert choice == "fp32"
-        return
+
+def test_prediction_agreement_counts_changed_predictions():
+    rng = np.random.default_rng(0)
+    y = np.repeat(["a", "b", "c"], 40)
+    f32 = rng.normal(0, 1, (120, 16)) + (np.arange(120)[:, None] // 40) * 3.0
+    same = prediction_agreement(f32, f32.copy(), y)
+    assert same == {"svm": 1.0, "top": 1.0, "n_test": 60}
+    # features scrambled for half the images: those predictions change
+    noisy = f32.copy()
+    noisy[::2] = rng.normal(0, 1, noisy[::2].shape) * 10
+    worse = prediction_agreement(f32, noisy, y)
+    assert worse["svm"] < 0.9 and worse["top"] < 0.9
+    # the probe sample keeps every class, in proportion, and is capped
+    labels = ["a"] * 900 + ["b"] * 300
+    picked = probe_sample(labels, limit=400)
+    assert len(picked) == 400 and sum(labels[i] == "b" for i in picked) == 100
+
+
+def test_auto_probes_the_run_s_images_and_stores_the_verdict(
+    lite0, tiny_dataset, tmp_path, monkeypatch
+):
+    import json
+
+    import transferlab.features
+
+    files = sorted(tiny_dataset.rglob("*.png"))
+    labels = [f.parent.name for f in files]
+    # without labels there is nothing to judge bf16 by
+    assert resolve_precision("auto", lite0, files, cache_root=tmp_path) == "fp32"
+    # on any machine: pretend bf16 is native, so the probe runs and its verdict is stored
+    monkeypatch.setattr(transferlab.features, "bf16_native", lambda device: True)
+    choice = resolve_precision("auto", lite0, files, labels=labels, cache_root=tmp_path)
     store = tmp_path / "precision.json"
-    (verdict,) = __import__("json").loads(store.read_text()).values()
-    assert verdict["choice"] == choice
-    if choice == "bf16":
-        assert verdict["mean_cos"] >= AGREE_MEAN_COS and verdict["min_cos"] >= AGREE_MIN_COS
-        assert verdict["speedup"] > 1.0
-    # the verdict is stored: a second call does not probe again
+    (verdict,) = json.loads(store.read_text()).values()
+    assert verdict["choice"] == choice == choose(verdict["speedup"], verdict)
+    assert verdict["n_test"] == 12 and 0 <= verdict["svm"] <= 1 and 0 <= verdict["top"] <= 1
+    # stored: a second call does not probe again
     mtime = store.stat().st_mtime_ns
-    assert resolve_precision("auto", lite0, photos, cache_root=tmp_path, batch_size=8) == choice
+    monkeypatch.setattr(transferlab.features, "probe_bf16", None)  # would fail if called
+    assert resolve_precision("auto", lite0, files, labels=labels, cache_root=tmp_path) == choice
     assert store.stat().st_mtime_ns == mtime
-    assert resolve_precision("fp16", lite0, photos, cache_root=tmp_path) == "fp16"
+    assert resolve_precision("fp16", lite0, files, cache_root=tmp_path) == "fp16"
+
+
+def test_probe_on_real_photos_keeps_their_predictions(lite0, imagenet_photos):
+    x, labels = imagenet_photos
+    # 20 photos of 20 classes: pair them up into two "classes" so models can be trained
+    verdict = probe_bf16(lite0, x, [str(int(c) % 2) for c in labels], batch_size=10)
+    assert verdict["speedup"] > 0 and verdict["n_test"] == 10
+    assert verdict["mean_cos"] >= 0.999

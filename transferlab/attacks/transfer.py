@@ -4,8 +4,8 @@ The realistic threat for an adapted model is its public parent: the attacker dow
 ImageNet backbone with its ImageNet head and never sees the adapted head. That model predicts
 ImageNet classes, not the dataset's, so its untargeted loss cannot use the dataset label. We
 push it away from its own clean top-1 ImageNet class instead (maximise the cross-entropy at that
-class, ``imagenet_labels``): whatever the features encoded about the image is disturbed, and the
-dataset head on top of the same features is the victim.
+class, its ``transferlab.inference.predict``): whatever the features encoded about the image is
+disturbed, and the dataset head on top of the same features is the victim.
 """
 
 from __future__ import annotations
@@ -17,18 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from transferlab.attacks.base import Attack
+from transferlab.inference import predict
 from transferlab.progress import progress
 
 log = logging.getLogger(__name__)
-
-
-def imagenet_labels(model: nn.Module, x01: Tensor, *, batch_size: int = 16) -> Tensor:
-    """(N,) the model's own clean top-1 prediction: the untargeted label for a source model
-    that does not know the dataset's classes."""
-    with torch.inference_mode():
-        return torch.cat(
-            [model(x01[i : i + batch_size]).argmax(1) for i in range(0, len(x01), batch_size)]
-        )
 
 
 def craft(
@@ -55,7 +47,7 @@ def transfer_matrix(
 
     Args:
         sources: name -> (model, labels (N,) the attack moves away from: dataset labels for an
-            adapted model, ``imagenet_labels`` for the ImageNet model).
+            adapted model, its own clean prediction for the ImageNet model).
         targets: name -> eval-mode model predicting the dataset's classes.
         x01: (N, C, H, W) clean images in [0, 1]. y: (N,) dataset labels.
         attack: a white-box attack (e.g. MI-FGSM, which transfers better than PGD).
@@ -67,16 +59,16 @@ def transfer_matrix(
     """
     rows: list[dict] = []
     adversarials: dict[str, Tensor] = {}
-    clean = {t: imagenet_labels(m, x01, batch_size=batch_size) == y for t, m in targets.items()}
+    clean = {t: predict(m, x01, batch_size=batch_size) == y for t, m in targets.items()}
     for s_name, (s_model, s_labels) in sources.items():
         x_adv = craft(s_model, attack, x01, s_labels, batch_size=batch_size, name=s_name)
         adversarials[s_name] = x_adv
         source_success = float(
-            (imagenet_labels(s_model, x_adv, batch_size=batch_size) != s_labels).float().mean()
+            (predict(s_model, x_adv, batch_size=batch_size) != s_labels).float().mean()
         )
         for t_name, t_model in targets.items():
             correct = clean[t_name]
-            still = imagenet_labels(t_model, x_adv, batch_size=batch_size) == y
+            still = predict(t_model, x_adv, batch_size=batch_size) == y
             flipped = correct & ~still
             rows.append(
                 {

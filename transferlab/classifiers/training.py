@@ -13,9 +13,10 @@ import torch
 from torch import Tensor, nn
 from torchvision.transforms import v2 as T
 
-from transferlab import tensor_files
+from transferlab import inference
+from transferlab.atomic import atomic_write
 from transferlab.backbone_specs import BackboneSpec
-from transferlab.progress import progress
+from transferlab.inference import accuracy  # noqa: F401  (re-exported for the methods)
 
 log = logging.getLogger(__name__)
 
@@ -119,21 +120,16 @@ def spec_at_size(spec: BackboneSpec, size: int | None) -> BackboneSpec:
     return replace(spec, input_size=size, resize=round(size * spec.resize / spec.input_size))
 
 
-def cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return "amx_bf16" in f.read()
-    except OSError:
-        return False
-
-
 def use_bf16(precision: str, device: torch.device) -> bool:
-    """``auto`` means bf16 autocast on GPUs and on CPUs with AMX, fp32 elsewhere."""
+    """``auto`` means bf16 autocast where the device computes bf16 natively
+    (``transferlab.precision.bf16_native``), fp32 elsewhere."""
+    from transferlab.precision import bf16_native
+
     if precision == "bf16":
         return True
     if precision == "fp32":
         return False
-    return device.type == "cuda" or (device.type == "cpu" and cpu_has_amx())
+    return bf16_native(device)
 
 
 def use_channels_last(device: torch.device) -> bool:
@@ -150,27 +146,9 @@ def in_channels_last(module: nn.Module) -> bool:
     return bool(convs) and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
 
 
-@torch.no_grad()
 def predict(fn, x: Tensor, *, batch_size: int = 64, desc: str | None = None) -> np.ndarray:
-    """Argmax predictions of ``fn`` over ``x`` in batches; returns (N,) int64.
-
-    Args:
-        fn: (B, ...) -> (B, K) scores. x: (N, ...) inputs.
-        desc: show an img/s progress bar with this label (for passes through a backbone).
-    """
-    if len(x) == 0:
-        return np.zeros(0, dtype=np.int64)
-    out = []
-    with progress(desc=desc or "", unit="img", total=len(x), disable=desc is None) as bar:
-        for i in range(0, len(x), batch_size):
-            out.append(fn(x[i : i + batch_size]).argmax(1))
-            bar.update(len(out[-1]))
-    return torch.cat(out).cpu().numpy()
-
-
-def accuracy(pred: np.ndarray, y: np.ndarray | Tensor) -> float | None:
-    y = y.numpy() if isinstance(y, Tensor) else y
-    return float((pred == y).mean()) if len(y) else None
+    """``transferlab.inference.predict`` as a numpy array (N,) int64, what the metrics take."""
+    return inference.predict(fn, x, batch_size=batch_size, desc=desc).numpy()
 
 
 def trained_parameters(modules: Iterable[nn.Module]) -> int:
@@ -178,8 +156,9 @@ def trained_parameters(modules: Iterable[nn.Module]) -> int:
 
 
 def atomic_torch_save(obj: object, dest: Path) -> None:
-    """``torch.save`` to a temp file in the same folder, then rename: a kill never leaves half."""
-    tensor_files.save(obj, dest)
+    """``torch.save`` through ``transferlab.atomic.atomic_write``: a kill never leaves half."""
+    with atomic_write(dest) as f:
+        torch.save(obj, f)
 
 
 def split_metrics(
@@ -201,7 +180,8 @@ def split_metrics(
     out: dict = {}
     for s in preds:
         out.update(with_interval(f"{s}_acc", np.asarray(preds[s]) == np.asarray(labels[s])))
-    y, p = labels.get("test", np.zeros(0, int)), preds.get("test", np.zeros(0, int))
+    y = np.asarray(labels.get("test", np.zeros(0, int)))
+    p = np.asarray(preds.get("test", np.zeros(0, int)))
     out["test_pred"] = np.asarray(p).astype(int).tolist()
     out["test_true"] = np.asarray(y).astype(int).tolist()
     cm = np.zeros((len(classes), len(classes)), dtype=np.int64)

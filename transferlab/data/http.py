@@ -29,6 +29,7 @@ import urllib.request
 import zipfile
 from pathlib import Path, PurePosixPath
 
+from transferlab.atomic import atomic_write
 from transferlab.data.files import DataSourceError
 from transferlab.progress import progress
 
@@ -131,9 +132,8 @@ def _served_by(path: Path) -> set[str]:
 
 
 def _write_served_by(path: Path, urls: set[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(sorted(urls), indent=1), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(sorted(urls), f, indent=1)
 
 
 def _fetch(url: str, part: Path, timeout: float) -> None:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlparse
 
+from transferlab.atomic import atomic_write
 from transferlab.config import S3Source
 from transferlab.data.files import IMAGE_EXTENSIONS, DataSourceError, is_junk
 from transferlab.names import UnsafeName, data_path
@@ -274,6 +275,5 @@ def _read_index(path: Path) -> dict[str, list]:
 
 
 def _write_index(path: Path, index: dict[str, list]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(index, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        json.dump(index, f, sort_keys=True)

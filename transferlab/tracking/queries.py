@@ -35,7 +35,8 @@ def recent_runs(params: Params, workdir: Path, *, last: int = 5) -> list[dict]:
         max_results=last,
     )
     rows = []
-    suffix = f"_eps_{params.attack.report_eps * 255:g}"
+    # the scalar at the report eps: robust_acc_<attack>_eps_<k>
+    suffix = f"_eps_{params.attack.report_eps.k}"
     for parent in parents:
         children = client.search_runs(
             [exp.experiment_id],

@@ -11,22 +11,24 @@ from pathlib import Path
 
 from prefect import task, unmapped
 
-from transferlab.config import load_params
+from transferlab.config import Params
 from transferlab.progress import in_stage
-from transferlab.robustness import num_batches, sweep_batch
 from transferlab_flows.tasks.stages import retry_transient
 
 
 @task(retries=1, retry_delay_seconds=[5], retry_condition_fn=retry_transient)
-def attack_batch(params_path: str, workdir: str, model: str, batch: int) -> int:
+def attack_batch(params: Params, workdir: str, model: str, batch: int) -> int:
     """Attack batch ``batch`` of ``model`` with every attack and eps; returns images done."""
+    from transferlab.robustness import sweep_batch  # torch: only where a batch is attacked
+
     with in_stage("attack"):
-        return sweep_batch(load_params(params_path), Path(workdir), model, batch)
+        return sweep_batch(params, Path(workdir), model, batch)
 
 
-def map_attack_batches(params_path: str, workdir: str) -> list[int]:
+def map_attack_batches(params: Params, workdir: str) -> list[int]:
     """Submit one ``attack_batch`` per model and batch and wait for them (call inside a flow)."""
-    params = load_params(params_path)
+    from transferlab.robustness import num_batches
+
     root = Path(workdir)
     pairs = [
         (model, batch)
@@ -34,6 +36,6 @@ def map_attack_batches(params_path: str, workdir: str) -> list[int]:
         for batch in range(num_batches(params, root))
     ]
     futures = attack_batch.map(
-        unmapped(params_path), unmapped(workdir), [m for m, _ in pairs], [b for _, b in pairs]
+        unmapped(params), unmapped(workdir), [m for m, _ in pairs], [b for _, b in pairs]
     )
     return futures.result()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from prefect import task
 
-from transferlab.config import load_params
+from transferlab.config import Params
 from transferlab.stages import attack_registered
 from transferlab_flows.tasks.stages import HEAVY_TAG, NETWORK_TAG, retry_transient
 
@@ -19,6 +19,6 @@ from transferlab_flows.tasks.stages import HEAVY_TAG, NETWORK_TAG, retry_transie
     timeout_seconds=6 * 3600,
     tags={HEAVY_TAG, NETWORK_TAG, "stage:attack-eval"},
 )
-def attack_registered_model(model: str, params_path: str, workdir: str) -> dict:
+def attack_registered_model(model: str, params: Params, workdir: str) -> dict:
     """Attack the registered model ``model`` (``NAME@alias`` / ``NAME/version``) and log it."""
-    return attack_registered(load_params(params_path), Path(workdir), model=model)
+    return attack_registered(params, Path(workdir), model=model)

@@ -3,19 +3,23 @@
 The result cache makes a re-run skip stages whose inputs did not change: the key digests the
 stage's params sections, the content of its input files, the library's source and the workspace.
 The flow refreshes the cache for a stage whose outputs are missing, so it runs and is stored.
+
+Tasks take the flow's frozen ``Params`` (parsed once per flow run), never a path to re-read.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 from prefect.context import TaskRunContext
+from prefect.results import get_result_store
 
 import transferlab
-from transferlab.config import ParamsError, load_params
+from transferlab.config import Params, ParamsError
 from transferlab.data.sources import DataSourceError
 from transferlab.lineage import run_kind
 from transferlab.methods import METHODS
@@ -90,6 +94,7 @@ def _fingerprint(path: Path, h: hashlib._Hash) -> None:
         h.update(f"missing:{path}".encode())
 
 
+@functools.cache  # the library's source does not change under a running process
 def _code_digest() -> str:
     h = hashlib.sha256()
     for p in sorted(Path(transferlab.__file__).parent.rglob("*.py")):
@@ -110,10 +115,10 @@ def outputs_present(stage: str, workdir: str | Path) -> bool:
     return True
 
 
-def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:
+def stage_cache_key(context: TaskRunContext | None, parameters: dict) -> str:
     stage = STAGES[parameters["stage"]]
     root = Path(parameters["workdir"]).resolve()
-    params = load_params(parameters["params_path"])
+    params: Params = parameters["params"]
     h = hashlib.sha256()
     h.update(f"{stage.name}|{root}|{params.section_hash(*stage.params)}|{_code_digest()}".encode())
     if stage.name in CONTEXT_STAGES:
@@ -133,21 +138,33 @@ def stage_cache_key(context: TaskRunContext, parameters: dict) -> str:
     retry_condition_fn=retry_transient,
 )
 def run_stage(
-    stage: str, params_path: str, workdir: str, context: dict[str, str] | None = None
+    stage: str, params: Params, workdir: str, context: dict[str, str] | None = None
 ) -> dict:
     """Run one stage on the workspace ``workdir``; returns the stage's summary."""
     fn = STAGES[stage].run
-    params = load_params(params_path)
     root = Path(workdir)
     with in_stage(stage):
         return fn(params, root, context=context) if stage in CONTEXT_STAGES else fn(params, root)
+
+
+def stage_cached(
+    stage: str, params: Params, workdir: str, context: dict[str, str] | None = None
+) -> bool:
+    """Whether ``run_stage`` would be served from the result cache (call inside a flow): its
+    outputs are there and a result is stored under its key. The flow then skips the stage's
+    pre-steps (feature shards, attack batches), which would only find their work done."""
+    if not outputs_present(stage, workdir):
+        return False
+    parameters = {"stage": stage, "params": params, "workdir": workdir, "context": context}
+    store = get_result_store().update_for_task(run_stage, _sync=True)
+    return store.exists(stage_cache_key(None, parameters))
 
 
 # ------------------------------------------------------------------ feature shards
 
 
 @task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=2, retry_condition_fn=retry_transient)
-def run_feature_shard(params_path: str, workdir: str, shard_index: int, n_shards: int) -> dict:
+def run_feature_shard(params: Params, workdir: str, shard_index: int, n_shards: int) -> dict:
     """Fill the feature cache for one manifest shard (no result cache: the feature cache is one).
 
     Runs wherever the flow's task runner puts it (a thread, a Dask or Ray worker): it reads the
@@ -156,4 +173,4 @@ def run_feature_shard(params_path: str, workdir: str, shard_index: int, n_shards
     from transferlab.stages import features_shard
 
     with in_stage("features"):
-        return features_shard(load_params(params_path), Path(workdir), shard_index, n_shards)
+        return features_shard(params, Path(workdir), shard_index, n_shards)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import subprocess
 import sys
+from collections import Counter
 
 import pytest
 import yaml
@@ -36,12 +38,55 @@ def attacked(tmp_path_factory, tiny_dataset):
     params = load_params(ws / "params.yaml")
     for name in ("pull", "split", "features", "svm"):
         STAGES[name].run(params, ws)
-    summary = STAGES["attack"].run(params, ws)
-    return ws, params, summary
+    with count_work() as work:
+        summary = STAGES["attack"].run(params, ws)
+    return ws, params, summary, work
+
+
+@contextlib.contextmanager
+def count_work():
+    """Count model loads (by name) and image decodes (calls, images) while the block runs."""
+    import transferlab.features
+    import transferlab.robustness
+
+    work = {"loads": Counter(), "decodes": []}
+    load, decode = transferlab.robustness.load_attack_model, transferlab.features.load_images
+
+    def counting_load(params, root, name):
+        work["loads"][name] += 1
+        return load(params, root, name)
+
+    def counting_decode(paths, *args, **kwargs):
+        work["decodes"].append(len(paths))
+        return decode(paths, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(transferlab.robustness, "load_attack_model", counting_load)
+        mp.setattr(transferlab.features, "load_images", counting_decode)
+        yield work
+
+
+def test_attack_stage_loads_each_model_and_decodes_the_test_set_once(attacked) -> None:
+    _, params, summary, work = attacked
+    # attacked: svm; transfer sources: imagenet and svm; grid: svm
+    assert work["loads"] == {"svm": 1, "imagenet": 1}
+    # one decode of the test images, shared by the sweep, the transfer matrix and the grid
+    assert work["decodes"] == [params.attack.max_images]
+
+
+def test_a_batch_task_decodes_only_its_batch(attacked) -> None:
+    from transferlab.robustness import num_batches, sweep_batch
+
+    ws, params, _, _ = attacked
+    assert num_batches(params, ws) == 2
+    with count_work() as work:
+        done = sweep_batch(params, ws, "svm", 1)  # shards are stored: read back, not recomputed
+    assert done == params.attack.batch_size == 2
+    assert work["decodes"] == [2] and work["loads"] == {"svm": 1}
 
 
 def test_attack_stage_outputs(attacked) -> None:
-    ws, params, summary = attacked
+    ws, params, summary, _ = attacked
     assert summary["sanity_failures"] == 0 and summary["rows"] == 4
     metrics = json.loads((ws / "metrics/attack.json").read_text())
     assert not [f for f in metrics["sanity"] if f["level"] == "fail"]
@@ -60,7 +105,7 @@ def test_attack_stage_outputs(attacked) -> None:
 def test_attack_stage_resumes_from_shards(attacked) -> None:
     from transferlab.robustness import AttackSession
 
-    ws, params, _ = attacked
+    ws, params, _, _ = attacked
     shards = sorted((ws / params.attack.work_dir).rglob("*.json"))
     # 2 attacks x 2 eps (0 included) x 2 batches
     assert len(shards) == 8
@@ -82,7 +127,7 @@ def _csv_rows(ws) -> list[dict]:
 
 
 def test_dvc_plots_show_draws_every_series(attacked, tmp_path) -> None:
-    ws, _, _ = attacked
+    ws, _, _, _ = attacked
     repo = tmp_path / "repo"
     (repo / "plots").mkdir(parents=True)
     shutil.copy(ws / "plots/robustness.csv", repo / "plots/robustness.csv")
