@@ -18,6 +18,7 @@ With ``PREFECT_API_URL`` set, nothing is started: the flow talks to that server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -91,11 +92,26 @@ def prefect_api(*, timeout: float | None = None) -> Iterator[str]:
         with temporary_settings({PREFECT_API_URL: url}):
             yield url
     finally:
+        _drain_to(proc)
         if saved is None:
             os.environ.pop("PREFECT_API_URL", None)
         else:
             os.environ["PREFECT_API_URL"] = saved
         _stop(proc)
+
+
+def _drain_to(proc: subprocess.Popen) -> None:
+    """Send Prefect's queued logs and events while the server still listens: drained at
+    interpreter exit instead, they print "Error logging to API" after a run that succeeded."""
+    if proc.poll() is not None:
+        return
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    for worker in (APILogWorker, EventsWorker):
+        # best effort: the run's outcome is already decided
+        with contextlib.suppress(Exception):
+            worker.drain_all(timeout=10)
 
 
 def _wait_healthy(proc: subprocess.Popen, url: str, timeout: float) -> None:
