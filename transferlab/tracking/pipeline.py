@@ -14,6 +14,8 @@ from transferlab.lineage import dvc_state, run_kind
 from transferlab.progress import progress
 from transferlab.tracking.registry import (
     DIGEST_TAG,
+    FORMAT,
+    FORMAT_TAG,
     find_version,
     point_candidate,
     register_candidate,
@@ -165,7 +167,7 @@ def _log_or_reuse_model(mlflow, params: Params, rec: MethodRecord, *, tags) -> s
             params,
             info.model_uri,
             rec.name,
-            tags={**tags, **rec.tags, **classes, DIGEST_TAG: digest},
+            tags={**tags, **rec.tags, **classes, DIGEST_TAG: digest, FORMAT_TAG: FORMAT},
         )
     mlflow.set_tags({"model.version": version, "model.uri": f"models:/{name}/{version}"})
     return version

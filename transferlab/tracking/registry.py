@@ -16,6 +16,10 @@ CANDIDATE_ALIAS = "candidate"
 # sha256 of a model's state dict (``pipeline.weights_digest``): a run whose weights equal a
 # registered version's points at that version instead of registering a copy.
 DIGEST_TAG = "model.digest"
+# versions logged as state dicts (tracking/model_format.py); older ones are pickles, which
+# transferlab no longer loads, so a run with unchanged weights must not point back at them
+FORMAT_TAG = "model.format"
+FORMAT = "transferlab-state-dict-1"
 # Run tags that say where a model version came from; `transferlab lineage` prints them.
 LINEAGE_TAGS = (
     "git.commit",
@@ -60,7 +64,9 @@ def find_version(client, name: str, digest: str):
         versions = client.search_model_versions(f"name='{name}'")
     except MlflowException:
         return None
-    same = [v for v in versions if v.tags.get(DIGEST_TAG) == digest]
+    same = [
+        v for v in versions if v.tags.get(DIGEST_TAG) == digest and v.tags.get(FORMAT_TAG) == FORMAT
+    ]
     return max(same, key=lambda v: int(v.version)) if same else None
 
 
