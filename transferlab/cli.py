@@ -398,6 +398,35 @@ def active_learning(
         out.print(Path(result["summary"]).read_text())
 
 
+@experiment_app.command(
+    "new-class",
+    epilog=_examples(
+        "transferlab experiment new-class",
+        "transferlab experiment new-class --params params.yaml --quiet",
+    ),
+)
+def new_class(
+    params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
+) -> None:
+    """What adding a category costs: old-class accuracy before and after (forgetting), and the
+    new class's accuracy against its number of training images.
+
+    Reads: features/features.npz and data/split.csv (the old classes), new_class.path (images
+    of the new class; checked like pull's, features through the cache), models/full when
+    new_class.learners lists full; params: new_class, data, features, svm, top, full.
+
+    Writes: new_class.out_dir/runs.csv, summary.json, summary.md and new_class.png.
+    """
+    loaded = _setup(params, verbose, quiet)
+    from transferlab.active.new_class import new_class_experiment
+    from transferlab.progress import logs_above_bars
+
+    with logs_above_bars():
+        result = new_class_experiment(loaded, Path.cwd())
+    if not quiet:
+        out.print_json(data=result)
+
+
 label_app = typer.Typer(
     help="Spend a labelling budget well: which images to label next, and merging the labels.",
     epilog=_examples(

@@ -430,6 +430,27 @@ class ActiveLearningParams(Section):
         return v
 
 
+class NewClassParams(Section):
+    """``transferlab experiment new-class``: the cost of adding a category the models never saw
+    (``transferlab.active.new_class``)."""
+
+    name: str = "vehicles"
+    path: Path = Path("/usr/share/tuxpaint/stamps/vehicles")
+    counts: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 5, 10)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    test_max: int = Field(40, ge=1, description="held-out new-class test images (at most)")
+    learners: tuple[Literal["svm", "top", "full"], ...] = ("svm", "top", "full")
+    extend_epochs: int = Field(10, ge=1, description="head-only epochs after extending full's head")
+    out_dir: Path = Path("docs/new_class")
+
+    @field_validator("counts")
+    @classmethod
+    def _some(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if not v:
+            raise ValueError("counts must list at least one number of new images")
+        return tuple(sorted(set(v)))
+
+
 class LabelParams(Section):
     """``transferlab label suggest|import``: which unlabelled images to label next, and where
     returned labels go (``transferlab.active.suggest`` / ``.importer``)."""
@@ -443,6 +464,18 @@ class LabelParams(Section):
     seed: int = 0
     out: Path = Path("labels/suggest.csv")
     thumb_size: int = Field(96, ge=16, description="longer side of the thumbnails (px)")
+
+    @field_validator("model")
+    @classmethod
+    def _frozen_backbone_method(cls, v: str) -> str:
+        # the pool is scored on cached features: only a method whose backbone stays frozen fits
+        usable = [m.name for m in METHODS.values() if not m.trains_backbone]
+        if v not in usable:
+            raise ValueError(
+                f"label.model {v!r} must be a method on the frozen backbone's features: "
+                f"{', '.join(usable)}"
+            )
+        return v
 
     @field_validator("strategy")
     @classmethod
@@ -810,6 +843,7 @@ def _build_params() -> type[ParamsBase]:
         "learning_curve": section(LearningCurveParams),
         "active_learning": section(ActiveLearningParams),
         "label": section(LabelParams),
+        "new_class": section(NewClassParams),
         "attack": section(AttackParams),
         "tracking": section(TrackingParams),
         "runner": section(RunnerParams),

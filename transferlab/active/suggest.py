@@ -161,8 +161,10 @@ def load_scorer(root: Path, model: str):
             f"no trained model at {folder}; run `transferlab {model}` (or dvc repro) first, or "
             f"set label.model to a trained one"
         )
+    from transferlab.methods import METHODS
+
     meta = json.loads((folder / "meta.json").read_text(encoding="utf-8"))
-    if meta.get("backbone_weights"):
+    if meta.get("backbone_weights") or (model in METHODS and METHODS[model].trains_backbone):
         raise LabelError(
             f"label.model {model!r} fine-tunes its backbone, so the cached features do not "
             f"describe what it sees; choose a model on the frozen backbone (e.g. svm or top)"

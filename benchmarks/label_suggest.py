@@ -1,0 +1,120 @@
+"""`transferlab label suggest` on a large unlabelled pool whose features are cached.
+
+    python benchmarks/label_suggest.py --images 10000
+
+A tiny workspace (3 classes x 8 generated images) runs pull, split, features and svm with the
+real Lite0 weights. ``--images`` distinct generated PNGs form the unlabelled pool. Feature
+extraction is reported apart: measured on ``--extract`` of them (img/s, and the time the whole
+pool would take at that rate). The rest of the pool's cache rows are then filled with stand-in
+vectors in the same key space (extracting them all would take hours on a shared 2-core CPU; the
+suggest step only reads them), and suggest runs for each strategy, timed by phase: checking
+the files (first run: decoding every file; later runs: a verdict memo by content digest),
+reading the cached features, scoring and selecting, writing the CSV and thumbnails.
+
+Prints one JSON object; ``ratio_to_target`` = total seconds / the 10 s goal (<= 1 meets it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+TARGET_SECONDS = 10.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--images", type=int, default=10_000)
+    ap.add_argument("--extract", type=int, default=64, help="images really extracted (rate)")
+    ap.add_argument("--budget", type=int, default=100)
+    ap.add_argument(
+        "--strategies", default="margin,entropy,kcenter,badge,random", help="comma-separated"
+    )
+    args = ap.parse_args()
+
+    from tests.conftest import draw_image, tiny_params, write_workspace
+    from transferlab.active.suggest import check_candidates, list_unlabelled, suggest
+    from transferlab.backbones import load_backbone
+    from transferlab.cache import FeatureCache
+    from transferlab.config import load_params
+    from transferlab.features import extract_features, key_space
+    from transferlab.stages import STAGES
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-suggest-"))
+    kinds = ("circles", "squares", "stripes")
+    for c, kind in enumerate(kinds):
+        (tmp / "data" / kind).mkdir(parents=True)
+        for i in range(8):
+            draw_image(kind, seed=100 * c + i).save(tmp / "data" / kind / f"{kind}_{i}.png")
+    ws = write_workspace(tmp / "ws", tiny_params(tmp / "data"))
+    params = load_params(ws / "params.yaml")
+    for name in ("pull", "split", "features", "svm"):
+        STAGES[name].run(params, ws)
+
+    pool = ws / "unlabelled"
+    pool.mkdir()
+    t = time.perf_counter()
+    for i in range(args.images):
+        draw_image(kinds[i % 3], seed=100_000 + i, size=48).save(pool / f"u{i:05d}.png")
+    gen_seconds = time.perf_counter() - t
+
+    fp = params.features
+    bb = load_backbone(fp.backbone, fp.pretrained)
+    paths = list_unlabelled(pool)
+    ok, _ = check_candidates(paths, params, tmp)  # digests only; the memo lives in tmp
+    shas = [c.sha256 for c in ok]
+    cache_root = ws / fp.cache_dir
+    t = time.perf_counter()
+    feats, _ = extract_features(
+        bb,
+        [c.path for c in ok[: args.extract]],
+        shas[: args.extract],
+        cache_root=cache_root,
+        batch_size=fp.batch_size,
+        precision=fp.precision,
+        background=tuple(params.data.background),
+        record=False,
+    )
+    rate = args.extract / (time.perf_counter() - t)
+    space = key_space(bb, background=tuple(params.data.background), precision=fp.precision)
+    rest = np.random.default_rng(0).normal(size=(len(shas) - args.extract, feats.shape[1]))
+    FeatureCache(cache_root, space).put(shas[args.extract :], rest.astype(np.float32))
+
+    runs = []
+    for i, strategy in enumerate(args.strategies.split(",")):
+        s = suggest(
+            params, ws, budget=args.budget, strategy=strategy, out=Path(f"labels/{strategy}.csv")
+        )
+        runs.append(
+            {
+                "strategy": strategy,
+                "first_run": i == 0,
+                **{k: v for k, v in s.items() if k.startswith(("seconds", "features_"))},
+                "ratio_to_target": round(s["seconds_total"] / TARGET_SECONDS, 3),
+            }
+        )
+    print(
+        json.dumps(
+            {
+                "images": args.images,
+                "budget": args.budget,
+                "generate_seconds": round(gen_seconds, 1),
+                "extraction_img_per_s": round(rate, 2),
+                "extraction_seconds_for_pool": round(args.images / rate, 1),
+                "runs": runs,
+            },
+            indent=2,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
