@@ -410,11 +410,11 @@ class ActiveLearningParams(Section):
     learners: tuple[Literal["svm", "top"], ...] = ("svm", "top")
     seeds: tuple[int, ...] = (0, 1, 2)
     seed_per_class: int = Field(2, ge=1, description="labels per class before the first round")
-    batch: int = Field(40, ge=1, description="labels per round (Fashion-MNIST)")
+    batch: int = Field(80, ge=1, description="labels per round (Fashion-MNIST)")
     photos_batch: int = Field(10, ge=1, description="labels per round (the photos)")
     budget: int = Field(500, ge=2, description="labels at the end")
     target: float = Field(0.95, gt=0.0, le=1.0, description="fraction of full-pool accuracy")
-    top_epochs: int = Field(60, ge=1)
+    top_epochs: int = Field(30, ge=1)
     # one C for every round: svm.C's grid by CV would cost 13 liblinear fits per round
     svm_C: float = Field(0.01, gt=0.0, description="the SVM's C in every round")
     out_dir: Path = Path("docs/active_learning")

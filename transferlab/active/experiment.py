@@ -16,6 +16,7 @@ val are the pool, test is the test set).
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -430,10 +431,6 @@ def active_learning_experiment(params: Params, root: Path, *, context: dict | No
     """Simulate every (dataset, learner, strategy, seed); write ``<out_dir>/{runs.csv,
     summary.json,summary.md,curve.png}`` and log an MLflow run. The one implementation the CLI,
     the Prefect flow and ``dvc repro`` call."""
-    from transferlab.atomic import atomic_write
-    from transferlab.stages import write_csv, write_json
-    from transferlab.tracking.active_learning import log_active_learning
-
     al = params.active_learning
     start = time.perf_counter()
     datasets = []
@@ -490,6 +487,26 @@ def active_learning_experiment(params: Params, root: Path, *, context: dict | No
             )
             bar.update()
     seconds = time.perf_counter() - start
+    out = write_results(params, root, rows, full_acc, seconds, context=context)
+    return {"runs": len(jobs), "seconds": round(seconds, 1), **out}
+
+
+def write_results(
+    params: Params,
+    root: Path,
+    rows: list[dict],
+    full_acc: dict[tuple[str, str], float],
+    seconds: float,
+    *,
+    context: dict | None = None,
+) -> dict:
+    """Summarise ``rows`` and write ``<out_dir>/{runs.csv,summary.json,summary.md,curve.png}``
+    (atomically), then log the MLflow run. Also merges runs made in parts (``merge_parts``)."""
+    from transferlab.atomic import atomic_write
+    from transferlab.stages import write_csv, write_json
+    from transferlab.tracking.active_learning import log_active_learning
+
+    al = params.active_learning
     summary = summarise(rows, full_acc, al.target)
     out = root / al.out_dir
     write_csv(out / "runs.csv", rows)
@@ -504,10 +521,24 @@ def active_learning_experiment(params: Params, root: Path, *, context: dict | No
         artifacts=[out / "runs.csv", out / "summary.md", out / "summary.json", png],
         tags=context,
     )
-    return {
-        "runs": len(jobs),
-        "seconds": round(seconds, 1),
-        "summary": str(out / "summary.md"),
-        "plot": str(png),
-        "mlflow": ids,
-    }
+    return {"summary": str(out / "summary.md"), "plot": str(png), "mlflow": ids}
+
+
+def merge_parts(params: Params, root: Path, parts: list[Path]) -> dict:
+    """Merge experiment outputs run in parts (e.g. one process per learner, each with its own
+    ``out_dir``) into ``active_learning.out_dir``: the same tables as one run would write."""
+    import csv
+
+    rows, full_acc, seconds = [], {}, 0.0
+    for part in parts:
+        with open(part / "runs.csv", newline="", encoding="utf-8") as f:
+            for r in csv.DictReader(f):
+                for k in ("seed", "labels", "correct", "n_test"):
+                    r[k] = int(r[k])
+                r["test_acc"] = float(r["test_acc"])
+                rows.append(r)
+        done = json.loads((part / "summary.json").read_text(encoding="utf-8"))
+        seconds = max(seconds, done["seconds"])
+        for s in done["strategies"]:
+            full_acc[(s["dataset"], s["learner"])] = s["full_pool_acc"]
+    return write_results(params, root, rows, full_acc, seconds)
