@@ -104,7 +104,8 @@ def _extract_rows(params: Params, root: Path, rows: list[dict], *, record: bool 
         compile=fp.compile,
         record=record,
         checkpoint_every=fp.checkpoint_every,
-        labels=[r["label"] for r in rows],
+        # unlabelled rows (label suggest, new-class probes) leave precision: auto nothing to judge
+        labels=labels if all(labels := [r.get("label") for r in rows]) else None,
     )
 
 
