@@ -580,7 +580,7 @@ class MaskingParams(Section):
     eps: EpsField | None = None  # null: attack.report_eps
     steps: tuple[int, ...] = (1, 4, 20)  # PGD steps of eps / 4 from the clean image
     square_queries: int = Field(200, ge=0, description="black-box probe (0: none)")
-    large_eps: EpsField = Eps(64 / 255)
+    large_eps: EpsField = Field(64 / 255, validate_default=True)
 
     _eps = field_validator("eps", mode="before")(classmethod(lambda cls, v: _optional_eps(v)))
     _large = field_validator("large_eps", mode="before")(classmethod(lambda cls, v: parse_eps(v)))
@@ -637,7 +637,7 @@ class TransferParams(Section):
 
     sources: tuple[str, ...] = ()
     attack: WhiteBoxName = "mifgsm"
-    eps: EpsField = Eps(4 / 255)
+    eps: EpsField = Field(4 / 255, validate_default=True)
 
     _eps = field_validator("eps", mode="before")(classmethod(lambda cls, v: parse_eps(v)))
 
@@ -673,8 +673,10 @@ class AttackParams(Section):
     # backbone + its ImageNet head, scored against its own clean prediction)
     models: tuple[str, ...] = Field(default_factory=lambda: attackable_methods()[:1])
     attacks: tuple[AttackName, ...] = ("fgsm",)
-    eps: tuple[EpsField, ...] = tuple(Eps(k / 255) for k in (0, 1, 2, 4, 8))
-    report_eps: EpsField = Eps(4 / 255)
+    eps: tuple[EpsField, ...] = Field(
+        (0.0, 1 / 255, 2 / 255, 4 / 255, 8 / 255), validate_default=True
+    )
+    report_eps: EpsField = Field(4 / 255, validate_default=True)
     max_images: int = Field(64, ge=1, description="attack at most this many test images")
     batch_size: int = Field(16, ge=1)
     seed: Seed = 0
@@ -776,7 +778,7 @@ class GateParams(Section):
 
     # strongest: per image, robust only if it survives every attack that ran at eps
     attack: str = "strongest"
-    eps: EpsField = Eps(4 / 255)
+    eps: EpsField = Field(4 / 255, validate_default=True)
     min_clean_acc: float = Field(0.5, ge=0.0, le=1.0)
     min_robust_acc: float = Field(0.0, ge=0.0, le=1.0)
     alpha: float = Field(0.05, gt=0.0, lt=1.0, description="significance level of comparisons")

@@ -11,22 +11,22 @@ from pathlib import Path
 
 from prefect import flow, task
 
-from transferlab.config import load_params
+from transferlab.config import Params, load_params
 from transferlab_flows.pipeline import lineage_context
 
 
 @task(name="active-learning", retries=0)
-def active_learning_task(params_path: str, workdir: str, context: dict[str, str]) -> dict:
+def active_learning_task(params: Params, workdir: str, context: dict[str, str]) -> dict:
     from transferlab.active.experiment import active_learning_experiment
 
-    return active_learning_experiment(load_params(params_path), Path(workdir), context=context)
+    return active_learning_experiment(params, Path(workdir), context=context)
 
 
 @flow(name="transferlab-active-learning", log_prints=True)
 def active_learning(params_path: str = "params.yaml", workdir: str = ".") -> dict:
     """Every query strategy under a labelling budget; returns paths, timings and MLflow ids."""
-    load_params(params_path)  # fail on a bad params file before any work
-    return active_learning_task(params_path, str(Path(workdir).resolve()), lineage_context())
+    params = load_params(params_path)  # once, before any work: a bad file fails here
+    return active_learning_task(params, str(Path(workdir).resolve()), lineage_context())
 
 
 def main() -> None:
