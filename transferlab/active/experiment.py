@@ -126,21 +126,39 @@ def fit_predict(
     """Train ``learner`` on (x, y) and return its (N, C) class scores for each array of
     ``queries`` (SVM decision values or head logits; columns are class indices)."""
     if learner == "svm":
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+        from sklearn.svm import LinearSVC
+
         from transferlab.classifiers.svm import fit_svm
 
-        fit = fit_svm(
-            x,
-            y,
-            C_grid=svm.C,
-            cv=svm.cv,
-            class_weight=svm.class_weight,
-            max_iter=svm.max_iter,
-            seed=seed,
-        )
-        present = fit.pipeline.classes_
+        if len(svm.C) == 1:
+            # one C, no CV: liblinear's dual solver, which "auto" picks anyway below 1280
+            # images and which is many times faster than the primal on the full pool at small C
+            pipe = make_pipeline(
+                StandardScaler(),
+                LinearSVC(
+                    C=svm.C[0],
+                    dual=True,
+                    class_weight=svm.class_weight,
+                    max_iter=svm.max_iter,
+                    random_state=seed,
+                ),
+            ).fit(x, y)
+        else:
+            pipe = fit_svm(
+                x,
+                y,
+                C_grid=svm.C,
+                cv=svm.cv,
+                class_weight=svm.class_weight,
+                max_iter=svm.max_iter,
+                seed=seed,
+            ).pipeline
+        present = pipe.classes_
         out = []
         for q in queries:
-            d = fit.pipeline.decision_function(q)
+            d = pipe.decision_function(q)
             if d.ndim == 1:  # two classes seen: one decision value
                 d = np.stack([-d / 2, d / 2], axis=1)
             full = np.full((len(q), n_classes), -1e9)
@@ -199,11 +217,12 @@ def simulate(
         mask = np.zeros(len(ds.y_pool), dtype=bool)
         mask[labelled] = True
         pool_idx = np.flatnonzero(~mask)
-        s_test, s_pool = fit_predict(
+        # the pool is scored only while images are left in it
+        s_test, *s_pool = fit_predict(
             learner,
             ds.x_pool[labelled],
             ds.y_pool[labelled],
-            [ds.x_test, ds.x_pool[pool_idx]],
+            [ds.x_test] + ([ds.x_pool[pool_idx]] if len(pool_idx) else []),
             n_classes=n_classes,
             svm=svm,
             top=top,
@@ -230,7 +249,7 @@ def simulate(
             budget=take,
             features=ds.x_pool[pool_idx],
             labelled=ds.x_pool[labelled],
-            probs=softmax(s_pool),
+            probs=softmax(s_pool[0]),
             seed=int(rng.integers(2**31 - 1)),
         )
         labelled = np.concatenate([labelled, pool_idx[sel.indices]])
