@@ -142,6 +142,9 @@ class TrainParams(Section):
     epochs: int = Field(30, ge=1)
     batch_size: int = Field(32, ge=1)
     patience: int = Field(5, ge=1, description="early stopping: epochs without val improvement")
+    min_steps: int = Field(
+        0, ge=0, description="more epochs when `epochs` passes take fewer optimiser steps"
+    )
     augment: bool = False
     seed: Seed = 0
 

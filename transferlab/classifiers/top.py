@@ -6,15 +6,14 @@ sees the same features, so the head trains on the cached features (``features/fe
 and gets the same result as training through the backbone, orders of magnitude faster. With
 augmentation each batch goes through the backbone.
 
+Training runs in the shared loop (``classifiers/loop.py``); this module supplies the step.
 Progress: an epoch bar with the train loss and accuracy and the val accuracy; through the
 backbone, also a batch bar in img/s.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from transferlab.backbones import Backbone
+from transferlab.classifiers.loop import epoch_budget, fit
 from transferlab.classifiers.training import (
     accuracy,
     augment_batch,
@@ -31,7 +31,6 @@ from transferlab.classifiers.training import (
     predict,
 )
 from transferlab.methods import TopParams
-from transferlab.progress import progress, show_fit
 
 log = logging.getLogger(__name__)
 
@@ -42,15 +41,18 @@ class TrainResult:
 
     Attributes:
         head: the best head (by val accuracy; the last one without a val set), eval mode.
-        history: per epoch: epoch, lr, train_loss, train_acc, val_acc (None without val).
+        history: per epoch: epoch, lr_head, train_loss, train_acc, val_acc (None without val),
+            seconds.
         best_epoch: index into history of the kept weights.
         seconds: wall time of the training loop.
+        sanity: the loop's under-trained check (``{"under_trained": bool, "why": str}``).
     """
 
     head: nn.Module
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     seconds: float = 0.0
+    sanity: dict = field(default_factory=dict)
 
 
 def train_top(
@@ -63,7 +65,7 @@ def train_top(
     y_val: Tensor | None = None,
     backbone: Backbone | None = None,
 ) -> TrainResult:
-    """Train a head with early stopping on validation accuracy.
+    """Train a head with early stopping on validation accuracy (the shared loop, ``loop.fit``).
 
     Args:
         n_classes: number of logits.
@@ -92,7 +94,7 @@ def train_top(
     head = make_head(params.head, in_dim, n_classes, hidden=params.hidden, dropout=params.dropout)
     opt = make_optimizer(
         params.optimizer,
-        [{"params": head.parameters()}],
+        [{"params": head.parameters(), "name": "head"}],
         lr=params.lr,
         momentum=params.momentum,
         weight_decay=params.weight_decay,
@@ -107,76 +109,39 @@ def train_top(
             x = augment_batch(x, aug)
         return backbone.features(x)
 
+    def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        logits = head(feats(x, True))
+        return loss_fn(logits, y), logits
+
     has_val = x_val is not None and y_val is not None and len(y_val) > 0
     val_feats = feats(x_val, False) if has_val and not params.augment else None
-    order = torch.Generator().manual_seed(params.seed)
-    best_state, best_acc, best_epoch, stale = copy.deepcopy(head.state_dict()), -1.0, 0, 0
-    history: list[dict] = []
-    start = time.perf_counter()
-    # updated by hand, so the count and the epoch's figures show together
-    bar = progress(desc="top", unit="epoch", total=params.epochs)
-    for epoch in range(params.epochs):
-        head.train()
-        perm = torch.randperm(len(y_train), generator=order)
-        total_loss, correct = 0.0, 0
-        # on cached features an epoch takes milliseconds: a batch bar only through the backbone
-        batches = progress(
-            desc=f"top epoch {epoch + 1}/{params.epochs}",
-            unit="img",
-            total=len(y_train),
-            disable=not through_backbone,
-        )
-        with batches:
-            for i in range(0, len(perm), params.batch_size):
-                idx = perm[i : i + params.batch_size]
-                logits = head(feats(x_train[idx], True))
-                loss = loss_fn(logits, y_train[idx])
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                total_loss += float(loss.detach()) * len(idx)
-                correct += int((logits.argmax(1) == y_train[idx]).sum())
-                show_fit(batches, total_loss / (i + len(idx)), correct / (i + len(idx)))
-                batches.update(len(idx))
-        head.eval()
-        val_acc = None
-        if has_val:
-            vf = val_feats if val_feats is not None else feats(x_val, False)
-            val_acc = accuracy(predict(head, vf), y_val)
-        history.append(
-            {
-                "epoch": epoch,
-                "lr": opt.param_groups[0]["lr"],
-                "train_loss": total_loss / len(y_train),
-                "train_acc": correct / len(y_train),
-                "val_acc": val_acc,
-            }
-        )
-        show_fit(bar, history[-1]["train_loss"], history[-1]["train_acc"], val_acc)
-        bar.update()
-        if not has_val or val_acc > best_acc:
-            best_state, best_acc, best_epoch, stale = (
-                copy.deepcopy(head.state_dict()),
-                (val_acc if has_val else -1.0),
-                epoch,
-                0,
-            )
-        else:
-            stale += 1
-            if stale >= params.patience:
-                log.info("top: early stop at epoch %d (best %d)", epoch, best_epoch)
-                break
-    bar.close()
-    log.info(
-        "top: %d epochs, best %d: train acc %.3f, val acc %s",
-        len(history),
-        best_epoch,
-        history[best_epoch]["train_acc"],
-        "-" if history[best_epoch]["val_acc"] is None else f"{history[best_epoch]['val_acc']:.3f}",
-    )
-    head.load_state_dict(best_state)
-    return TrainResult(head.eval(), history, best_epoch, time.perf_counter() - start)
 
+    def validate() -> float | None:
+        vf = val_feats if val_feats is not None else feats(x_val, False)
+        return accuracy(predict(head, vf), y_val)
+
+    res = fit(
+        name="top",
+        modules={"head": head},
+        optimizer=opt,
+        step=step,
+        x_train=x_train,
+        y_train=y_train,
+        epochs=epoch_budget(
+            epochs=params.epochs,
+            min_steps=params.min_steps,
+            n_train=len(y_train),
+            batch_size=params.batch_size,
+        ),
+        batch_size=params.batch_size,
+        patience=params.patience,
+        seed=params.seed,
+        n_classes=n_classes,
+        validate=validate if has_val else None,
+        # on cached features an epoch takes milliseconds: a batch bar only through the backbone
+        batch_bar=through_backbone,
+    )
+    return TrainResult(head.eval(), res.history, res.best_epoch, res.seconds, res.sanity)
 
 def run(params, root: Path) -> dict:
     """The ``top`` stage: train the head (on the cached features, or through the backbone with
@@ -228,6 +193,7 @@ def run(params, root: Path) -> dict:
             "trained_parameters": trained_parameters([res.head]),
             "n_train": int(len(data["y_train"])),
             "trained_on": "images" if tp.augment else "cached_features",
+            "sanity": res.sanity,
         }
     )
     save_classifier(
