@@ -58,9 +58,11 @@ def tiny_params(dataset: Path, **overrides) -> dict:
         "data": {"source": {"kind": "folder", "path": str(dataset)}, "min_size": 16},
         "split": {"seed": 0, "val": 0.0, "test": 0.25},
         "features": {"backbone": "efficientnet_lite0", "pretrained": "package", "batch_size": 8},
+        # two trials each (the protocol: as many for every method); without a val split only
+        # the svm chooses (by CV), top and full train their first trial
         "svm": {"C": [0.01, 0.1], "cv": 2},
-        "top": {"epochs": 10},
-        "full": {"epochs": 1, "image_size": 64, "batch_size": 8},
+        "top": {"epochs": 10, "search": {"lr": [0.01, 0.1]}},
+        "full": {"epochs": 1, "image_size": 64, "batch_size": 8, "search": {"lr": [0.01, 0.02]}},
         "attack": {
             # top attacks exactly like svm (frozen backbone + linear head): skip it, save CPU
             "models": ["svm", "full"],

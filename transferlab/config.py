@@ -323,6 +323,9 @@ class FeaturesParams(Section):
     # images finds it faster and in agreement with fp32 (transferlab.features.resolve_precision)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     cache_dir: Path = Path(".transferlab/cache")
+    # one transform for every method that reads features (svm, top), fitted on train; auto:
+    # the best on the validation split (transferlab.classifiers.prep)
+    preprocess: Literal["auto", "none", "standardize", "l2"] = "auto"
     compile: bool = Field(False, description="torch.compile the backbone for large extractions")
     checkpoint_every: int = Field(
         4096,
@@ -804,6 +807,20 @@ class GateParams(Section):
 class ParamsBase(Section):
     """What every ``Params`` has; ``Params`` adds one field per section (see below)."""
 
+    @model_validator(mode="after")
+    def _equal_trials(self):
+        # the fair protocol: every method gets as many hyperparameter trials as the others
+        # (a section without trials() has nothing to tune)
+        sections = {name: getattr(self, name) for name in METHODS}
+        counts = {n: len(s.trials()) for n, s in sections.items() if hasattr(s, "trials")}
+        if len(set(counts.values())) > 1:
+            shown = ", ".join(f"{n} {c}" for n, c in counts.items())
+            raise ValueError(
+                f"every method gets the same number of hyperparameter trials, got {shown}; "
+                "make svm.C and each method's search grid the same size"
+            )
+        return self
+
     def section_hash(self, *names: str) -> str:
         """Digest of the named sections (all when none): what a stage's cache depends on."""
         dump = self.model_dump(mode="json")
@@ -902,6 +919,8 @@ def _one_line(err: ValidationError, file: Path) -> str:
         allowed = ", ".join(owner.model_fields) if owner else "see params.yaml"
         return f"{file}: unknown key '{key}'; allowed keys here: {allowed}"
     msg = first["msg"].removeprefix("Value error, ")
+    if not loc:  # a rule across sections: the input is the whole file
+        return f"{file}: {msg}"
     if len(msg) > 300:  # a validator's message may quote the (long) value
         msg = msg[:296] + "...'"
     if kind == "literal_error" and "expected" in first.get("ctx", {}):

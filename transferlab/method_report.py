@@ -59,8 +59,17 @@ def method_record(
         for k, v in metrics.items()
         if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
     }
-    if "fit_seconds" in scalars:  # the svm's name for its training time
-        scalars.setdefault("train_seconds", scalars["fit_seconds"])
+    # the fair protocol's record: the under-trained check, the trials and the choice on val
+    sanity = metrics.get("sanity") or {}
+    if "under_trained" in sanity:
+        scalars["under_trained"] = float(bool(sanity["under_trained"]))
+    selection = metrics.get("selection") or {}
+    for trial in selection.get("trials", []):
+        keys = {k: v for k, v in trial.items() if not k.endswith("_acc")}
+        label = "_".join(f"{k}_{v:g}" for k, v in keys.items())
+        for k, v in trial.items():
+            if k.endswith("_acc") and v is not None:
+                scalars[f"trial_{k}_{label}"] = float(v)
     for cls, acc in (metrics.get("per_class_test_acc") or {}).items():
         if acc is not None:
             # class names come from data: emoji, "'", "&", "(" are not valid MLflow keys
@@ -75,7 +84,15 @@ def method_record(
     )
     return MethodRecord(
         name=name,
-        params={f"{name}.trained_on": str(metrics.get("trained_on", "images"))},
+        params={
+            f"{name}.trained_on": str(metrics.get("trained_on", "images")),
+            **{f"{name}.chosen.{k}": str(v) for k, v in selection.get("chosen", {}).items()},
+            **(
+                {f"{name}.preprocess": str(metrics["preprocess"]["chosen"])}
+                if "preprocess" in metrics
+                else {}
+            ),
+        },
         metrics=scalars,
         series=series,
         model=model,

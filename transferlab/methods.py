@@ -15,9 +15,10 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import product
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from transferlab.layout import (
     FEATURES,
@@ -114,7 +115,8 @@ def attackable_methods() -> tuple[str, ...]:
 class SvmParams(Section):
     """A linear SVM (liblinear) on the features (``classifiers/svm.py``)."""
 
-    C: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
+    # one trial by default, like the other methods' empty search; params.yaml sets the grids
+    C: tuple[float, ...] = (1.0,)
     cv: int = Field(3, ge=2, description="stratified folds for choosing C")
     class_weight: Literal["balanced"] | None = None
     max_iter: int = Field(10_000, ge=1)
@@ -125,6 +127,10 @@ class SvmParams(Section):
         if not v or any(c <= 0 for c in v):
             raise ValueError("C must be a non-empty list of positive numbers")
         return v
+
+    def trials(self) -> list[dict]:
+        """The hyperparameter trials, chosen between on the validation split."""
+        return [{"C": c} for c in self.C]
 
 
 class TrainParams(Section):
@@ -147,6 +153,34 @@ class TrainParams(Section):
     )
     augment: bool = False
     seed: Seed = 0
+    # hyperparameter trials: every combination of these values of this section's keys, chosen
+    # between on the validation split; {} is one trial, the section as written
+    search: dict[str, tuple[float, ...]] = {}
+
+    @model_validator(mode="after")
+    def _search_keys(self):
+        for key, values in self.search.items():
+            if key == "search" or key not in type(self).model_fields:
+                allowed = [k for k in type(self).model_fields if k != "search"]
+                raise ValueError(f"search: unknown key {key!r}; allowed keys are {allowed}")
+            if not values:
+                raise ValueError(f"search.{key}: list at least one value")
+            for v in values:  # each value must be valid for its key
+                type(self).model_validate({**self.model_dump(exclude={"search"}), key: v})
+        return self
+
+    def trials(self) -> list[dict]:
+        """The hyperparameter trials (the product of ``search``), chosen between on val."""
+        keys = list(self.search)
+        return [dict(zip(keys, combo, strict=True)) for combo in product(*self.search.values())]
+
+    def with_trial(self, trial: dict):
+        """This section with one trial's values (ints stay ints: ``epochs``)."""
+        fields = type(self).model_fields
+        return self.model_copy(
+            update={k: int(v) if fields[k].annotation is int else v for k, v in trial.items()}
+            | {"search": {}}
+        )
 
 
 class TopParams(TrainParams):

@@ -98,7 +98,8 @@ def attack_rows(params: Params, root: Path) -> list[dict]:
 
 
 def input_spec(model: nn.Module):
-    """The backbone spec a model reads its images at (full fine-tuning may train smaller)."""
+    """The backbone spec a model reads its images at: the same for every model (a Classifier
+    resizes inside to the size it was trained at), so all are scored on the same pixels."""
     inner = getattr(model, "model", model)  # under an Autocast wrapper
     return getattr(getattr(inner, "backbone", inner), "spec", None)
 

@@ -22,14 +22,27 @@ class Classifier(nn.Module):
         head: features (N, D) -> logits (N, C).
         classes: class names, index = logit position.
         method: its name in the method registry (``transferlab.methods.METHODS``).
+        input_size: the side, in px, the network sees. Every classifier takes the images the
+            backbone's preprocessing makes (``backbone.spec``: resize, centre crop) and resizes
+            them here to the size it was trained at, so each model is evaluated everywhere
+            (ladder, attacks, transfer matrix) exactly as it was trained and is served, and all
+            of them take the same inputs (eps means the same pixels for each).
     """
 
-    def __init__(self, backbone: Backbone, head: nn.Module, classes: list[str], method: str):
+    def __init__(
+        self,
+        backbone: Backbone,
+        head: nn.Module,
+        classes: list[str],
+        method: str,
+        input_size: int | None = None,
+    ):
         super().__init__()
         self.backbone = backbone
         self.head = head
         self.classes = list(classes)
         self.method = method
+        self.input_size = input_size or backbone.spec.input_size
 
     def train(self, mode: bool = True) -> Classifier:
         """Only a fully fine-tuned backbone may leave eval mode: the others keep BatchNorm's
@@ -43,8 +56,10 @@ class Classifier(nn.Module):
         return self
 
     def forward(self, x01: Tensor) -> Tensor:
-        """(N, 3, H, W) images in [0, 1] -> (N, C) logits."""
-        return self.head(self.backbone.features(x01))
+        """(N, 3, H, W) images in [0, 1] -> (N, C) logits (resized to ``input_size`` first)."""
+        from transferlab.classifiers.training import resize_to
+
+        return self.head(self.backbone.features(resize_to(x01, self.input_size)))
 
 
 def _trains_backbone(method: str) -> bool:
@@ -71,7 +86,7 @@ def save_classifier(clf: Classifier, folder: Path, *, pretrained: str, extra: di
         "backbone": clf.backbone.name,
         "pretrained": pretrained,
         "weights_digest": clf.backbone.weights_digest,
-        "input_size": clf.backbone.spec.input_size,
+        "input_size": clf.input_size,
         "head": head_spec(head),
         "backbone_weights": _trains_backbone(clf.method),
         **(extra or {}),
@@ -123,7 +138,7 @@ def read_meta(folder: Path) -> dict:
 
 def load_classifier(folder: Path) -> Classifier:
     """Rebuild a stored classifier in eval mode."""
-    from transferlab.classifiers.training import head_from_spec, spec_at_size
+    from transferlab.classifiers.training import head_from_spec
 
     meta = read_meta(folder)
     for name, digest in meta.get("files", {}).items():
@@ -137,11 +152,10 @@ def load_classifier(folder: Path) -> Classifier:
         raise RuntimeError(
             f"{folder}: the backbone weights changed since this model was trained; re-run the stage"
         )
-    size = meta.get("input_size", backbone.spec.input_size)
-    if size != backbone.spec.input_size:
-        backbone.spec = spec_at_size(backbone.spec, size)
     if meta.get("backbone_weights"):
         backbone.load_state_dict(tensor_files.load(folder / "backbone.pt"))
     head = head_from_spec(meta["head"])
     head.load_state_dict(tensor_files.load(folder / "head.pt"))
-    return Classifier(backbone, head, meta["classes"], meta["method"]).eval()
+    return Classifier(
+        backbone, head, meta["classes"], meta["method"], meta.get("input_size")
+    ).eval()

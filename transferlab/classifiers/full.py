@@ -33,6 +33,7 @@ from transferlab.classifiers.training import (
     make_head,
     make_optimizer,
     predict,
+    resize_to,
     use_bf16,
     use_channels_last,
 )
@@ -103,6 +104,7 @@ def train_full(
     fingerprint: str = "",
     on_epoch_end: Callable[[dict], None] | None = None,
     device: torch.device | str | None = None,
+    input_size: int | None = None,
 ) -> FullResult:
     """Fine-tune ``backbone`` and a new head (the shared loop, ``loop.fit``, with this step).
 
@@ -117,6 +119,8 @@ def train_full(
         fingerprint: names the data and settings, so a stale checkpoint is never resumed.
         on_epoch_end: called with each epoch's history row after its checkpoint is written.
         device: defaults to CUDA when available.
+        input_size: resize every batch (after augmentation) to this side first, as the stored
+            ``Classifier`` does in its forward (None: as given).
 
     Returns:
         The best backbone + head (by val accuracy; the last epoch without val), in eval mode.
@@ -165,7 +169,7 @@ def train_full(
     has_val = x_val is not None and y_val is not None and len(y_val) > 0
 
     def forward(x: Tensor) -> Tensor:
-        x = x.to(device, non_blocking=True)
+        x = resize_to(x.to(device, non_blocking=True), input_size)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -233,6 +237,7 @@ def train_full(
         res.sanity,
     )
 
+
 def _fingerprint(params, root: Path) -> str:
     """Names the data and settings a checkpoint belongs to."""
     import hashlib
@@ -246,15 +251,20 @@ def _fingerprint(params, root: Path) -> str:
 
 
 def run(params, root: Path) -> dict:
-    """The ``full`` stage: fine-tune everything; write ``models/full`` and ``metrics/full.json``.
+    """The ``full`` stage: fine-tune everything, one run per trial of ``full.search``, the best
+    on val kept; writes ``models/full`` and ``metrics/full.json``.
 
-    A checkpoint under ``.transferlab/checkpoints/`` is written every epoch; a re-run after a
-    kill continues from it (``full.resume``) and deletes it once the model is saved.
+    The images are decoded as for every model (the backbone's resize and crop) and resized to
+    ``full.image_size`` inside the network, in training as in the stored classifier. A
+    checkpoint per trial under ``.transferlab/checkpoints/`` is written every epoch; a re-run
+    after a kill continues from it (``full.resume``); a finished trial's last checkpoint gives
+    back its result at once. They are deleted once the model is saved.
     """
     from transferlab.atomic import write_json
     from transferlab.backbones import load_backbone
     from transferlab.classifiers.base import Classifier, save_classifier
-    from transferlab.classifiers.training import spec_at_size, split_metrics
+    from transferlab.classifiers.loop import choose_trial
+    from transferlab.classifiers.training import split_metrics
     from transferlab.features import split_images
     from transferlab.layout import PARTS, dataset_classes
     from transferlab.methods import METHODS
@@ -262,22 +272,36 @@ def run(params, root: Path) -> dict:
     method = METHODS["full"]
     fp = params.full
     classes = dataset_classes(root)
-    backbone = load_backbone(params.features.backbone, params.features.pretrained)
-    backbone.spec = spec_at_size(backbone.spec, fp.image_size)
-    imgs = split_images(root, classes, backbone.spec, background=params.data.background)
-    ckpt = root / method.checkpoint
-    res = train_full(
-        backbone=backbone,
-        n_classes=len(classes),
-        params=fp,
-        x_train=imgs["x_train"],
-        y_train=imgs["y_train"],
-        x_val=imgs["x_val"],
-        y_val=imgs["y_val"],
-        checkpoint=ckpt,
-        fingerprint=_fingerprint(params, root),
+    fingerprint = _fingerprint(params, root)
+    first = root / method.checkpoint
+    imgs = None
+
+    def checkpoint(k: int) -> Path:
+        return first if k == 0 else first.with_name(f"{first.stem}.trial{k}{first.suffix}")
+
+    def train(k: int, trial: dict) -> FullResult:
+        nonlocal imgs
+        backbone = load_backbone(params.features.backbone, params.features.pretrained)
+        if imgs is None:
+            imgs = split_images(root, classes, backbone.spec, background=params.data.background)
+        return train_full(
+            backbone=backbone,
+            n_classes=len(classes),
+            params=fp.with_trial(trial),
+            x_train=imgs["x_train"],
+            y_train=imgs["y_train"],
+            x_val=imgs["x_val"],
+            y_val=imgs["y_val"],
+            checkpoint=checkpoint(k),
+            fingerprint=fingerprint,
+            input_size=fp.image_size,
+        )
+
+    trials = fp.trials()
+    res, selection = choose_trial(
+        "full", trials, train, lambda r: r.history[r.best_epoch]["val_acc"]
     )
-    clf = Classifier(res.backbone, res.head, classes, method.name).eval().cpu()
+    clf = Classifier(res.backbone, res.head, classes, method.name, fp.image_size).eval().cpu()
     preds = {p: predict(clf, imgs[f"x_{p}"], batch_size=32, desc=f"full {p} set") for p in PARTS}
     metrics = split_metrics(preds, {p: imgs[f"y_{p}"].numpy() for p in PARTS}, classes)
     metrics.update(
@@ -285,16 +309,18 @@ def run(params, root: Path) -> dict:
             "history": res.history,
             "best_epoch": res.best_epoch,
             "epochs_run": len(res.history),
+            "selection": selection,
             "resumed_from_epoch": res.resumed_from,
             "train_seconds": round(sum(h["seconds"] for h in res.history), 4),
             "trained_parameters": res.trained_parameters,
             "n_train": int(len(imgs["y_train"])),
-            "image_size": backbone.spec.input_size,
+            "image_size": clf.input_size,
             "bf16": res.bf16,
             "sanity": res.sanity,
         }
     )
     save_classifier(clf, root / method.model_dir, pretrained=params.features.pretrained)
     write_json(root / method.metrics_file, metrics)
-    ckpt.unlink(missing_ok=True)
+    for k in range(len(trials)):
+        checkpoint(k).unlink(missing_ok=True)
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | None) and k != "bf16"}

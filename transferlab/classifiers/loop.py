@@ -20,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +36,8 @@ OVERFIT_GAP = 0.1
 # under-trained: the last this many epochs still raised val accuracy, and the budget (not early
 # stopping) ended the run
 RISING_WINDOW = 2
+
+T = TypeVar("T")
 
 # (x, y) batch on the CPU -> (loss to minimise, logits for the running accuracy)
 StepFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -242,9 +245,7 @@ def fit(
         val_acc = validate() if validate is not None else None
         row = {
             "epoch": epoch,
-            **{
-                f"lr_{g.get('name', k)}": g["lr"] for k, g in enumerate(optimizer.param_groups)
-            },
+            **{f"lr_{g.get('name', k)}": g["lr"] for k, g in enumerate(optimizer.param_groups)},
             "train_loss": float(loss_sum) / len(y_train),
             "train_acc": train_acc,
             "val_acc": val_acc,
@@ -264,7 +265,12 @@ def fit(
             "-" if val_acc is None else f"{val_acc:.3f}",
             row["seconds"],
         )
-        if val_acc is not None and train_acc >= 1.0 and val_acc < train_acc - OVERFIT_GAP:
+        if (
+            val_acc is not None
+            and train_acc >= 1.0
+            and val_acc < train_acc - OVERFIT_GAP
+            and not any(h["train_acc"] >= 1.0 for h in history[:-1])  # once per run
+        ):
             log.warning(
                 "%s: training accuracy reached 100%% at epoch %d while validation is %.3f: "
                 "overfitting; consider more augmentation, weight decay or fewer epochs",
@@ -277,9 +283,7 @@ def fit(
             best = {
                 "acc": -1.0 if val_acc is None else val_acc,
                 "epoch": epoch,
-                "state": None
-                if val_acc is None
-                else {k: snapshot(m) for k, m in modules.items()},
+                "state": None if val_acc is None else {k: snapshot(m) for k, m in modules.items()},
             }
             stale = 0
         else:
@@ -332,3 +336,35 @@ def fit(
         stopped_early=stopped,
         sanity=under_trained(history, n_classes=n_classes, stopped_early=stopped),
     )
+
+
+def choose_trial(
+    name: str,
+    trials: list[dict],
+    train: Callable[[int, dict], T],
+    val_acc: Callable[[T], float | None],
+) -> tuple[T, dict]:
+    """Train every hyperparameter trial and keep the best on the validation split.
+
+    Args:
+        trials: each a dict of section keys -> values (``TrainParams.trials()``).
+        train: ``(index, trial) -> result``. val_acc: a result's kept val accuracy.
+
+    Returns:
+        The best result (the first of equal scores) and ``{"on", "chosen", "trials"}`` for the
+        metrics. Without a validation split nothing can be chosen: only the first trial trains.
+    """
+    best, best_acc, table = None, -1.0, []
+    for k, trial in enumerate(trials):
+        if len(trials) > 1:
+            log.info("%s: trial %d/%d %s", name, k + 1, len(trials), trial)
+        result = train(k, trial)
+        acc = val_acc(result)
+        table.append({**trial, "val_acc": acc})
+        if best is None or (acc is not None and acc > best_acc):
+            best, best_acc, chosen = result, (-1.0 if acc is None else acc), trial
+        if acc is None:
+            if len(trials) > 1:
+                log.warning("%s: no validation split to choose on; kept the first trial", name)
+            break
+    return best, {"on": "val", "chosen": chosen, "trials": table}

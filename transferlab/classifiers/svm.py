@@ -106,45 +106,111 @@ def svm_to_linear(pipe: Pipeline) -> nn.Linear:
     return linear
 
 
+def _linear(svc: LinearSVC) -> nn.Linear:
+    """A fitted LinearSVC as an ``nn.Linear`` whose logits' argmax matches its predictions.
+
+    A binary SVM has one decision value f; we emit logits (-f/2, f/2)."""
+    w, b = svc.coef_, svc.intercept_
+    if w.shape[0] == 1:
+        w = np.vstack([-w / 2, w / 2])
+        b = np.array([-b[0] / 2, b[0] / 2])
+    linear = nn.Linear(w.shape[1], w.shape[0])
+    with torch.no_grad():
+        linear.weight.copy_(torch.from_numpy(w).float())
+        linear.bias.copy_(torch.from_numpy(b).float())
+    return linear
+
+
 def run(params, root: Path) -> dict:
-    """The ``svm`` stage: C by stratified CV on train, stored as backbone + Linear; writes
-    ``models/svm`` and ``metrics/svm.json``."""
+    """The ``svm`` stage: the features under ``features.preprocess`` (fitted on train), C chosen
+    on the validation split (stratified CV on train when there is none), stored as backbone +
+    transform + Linear; writes ``models/svm`` and ``metrics/svm.json``."""
+    import warnings
+
+    from sklearn.exceptions import ConvergenceWarning
+
     from transferlab.atomic import write_json
     from transferlab.backbones import load_backbone
     from transferlab.classifiers.base import Classifier, save_classifier
+    from transferlab.classifiers.prep import apply_prep, choose_prep, fit_prep, wrap
     from transferlab.classifiers.training import split_metrics
     from transferlab.layout import PARTS, labelled_features
     from transferlab.methods import METHODS
 
     method = METHODS["svm"]
     sp = params.svm
+    seed = params.split.seed
+    start = time.perf_counter()
     data, classes = labelled_features(root)
-    fit = fit_svm(
-        data["x_train"],
-        data["y_train"],
-        C_grid=sp.C,
-        cv=sp.cv,
-        class_weight=sp.class_weight,
-        max_iter=sp.max_iter,
-        seed=params.split.seed,
+    kind, probe = choose_prep(
+        params.features.preprocess, *(data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
     )
-    svc = fit.pipeline.named_steps["svc"]
-    preds = {
-        p: fit.pipeline.predict(data[f"x_{p}"]) if len(data[f"y_{p}"]) else data[f"y_{p}"]
-        for p in PARTS
-    }
-    metrics = split_metrics(preds, {p: data[f"y_{p}"] for p in PARTS}, classes)
+    prep = fit_prep(kind, data["x_train"])
+    x = {p: apply_prep(prep, data[f"x_{p}"]) for p in PARTS}
+    y = {p: data[f"y_{p}"] for p in PARTS}
+
+    def svc(c: float) -> LinearSVC:
+        return LinearSVC(
+            C=c, dual="auto", class_weight=sp.class_weight, max_iter=sp.max_iter, random_state=seed
+        )
+
+    # C on the validation split; with none held out, by stratified CV on train
+    on = "val" if len(y["val"]) else "cv"
+    folds = min(sp.cv, int(np.bincount(y["train"]).min()))
+    splits = (
+        list(StratifiedKFold(folds, shuffle=True, random_state=seed).split(x["train"], y["train"]))
+        if on == "cv" and folds >= 2
+        else []
+    )
+
+    def score(c: float) -> float | None:
+        pairs = splits or ([(slice(None), None)] if on == "val" else [])
+        accs = []
+        for tr, te in pairs:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                m = svc(c).fit(x["train"][tr], y["train"][tr])
+            xs, ys = (x["val"], y["val"]) if te is None else (x["train"][te], y["train"][te])
+            accs.append(float((m.predict(xs) == ys).mean()))
+        return float(np.mean(accs)) if accs else None
+
+    trials = []
+    with progress(desc=f"svm: C on {on}", unit="trial", total=len(sp.C)) as bar:
+        for trial in sp.trials():
+            trials.append({**trial, f"{on}_acc": score(trial["C"])})
+            bar.update()
+    scored = [t for t in trials if t[f"{on}_acc"] is not None]
+    # the first of equal scores; nothing to score on: the first C
+    best_C = max(scored, key=lambda t: t[f"{on}_acc"])["C"] if scored else sp.C[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model = svc(best_C).fit(x["train"], y["train"])
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    preds = {p: model.predict(x[p]) if len(y[p]) else y[p] for p in PARTS}
+    metrics = split_metrics(preds, y, classes)
     metrics.update(
         {
-            "best_C": fit.best_C,
-            "cv_scores": {str(c): s for c, s in fit.grid_scores.items()},
-            "fit_seconds": round(fit.seconds, 4),
-            "n_train": int(len(data["y_train"])),
-            "trained_parameters": int(svc.coef_.size + svc.intercept_.size),
+            "best_C": float(best_C),
+            "selection": {"on": on, "chosen": {"C": float(best_C)}, "trials": trials},
+            "preprocess": {
+                "key": params.features.preprocess,
+                "chosen": kind,
+                "probe_val_acc": probe,
+            },
+            "train_seconds": round(time.perf_counter() - start, 4),
+            "n_train": int(len(y["train"])),
+            "trained_parameters": int(model.coef_.size + model.intercept_.size),
+            "sanity": {
+                "under_trained": not converged,
+                "why": ""
+                if converged
+                else f"liblinear stopped at max_iter={sp.max_iter} before converging; raise "
+                "svm.max_iter",
+            },
         }
     )
     backbone = load_backbone(params.features.backbone, params.features.pretrained)
-    clf = Classifier(backbone, svm_to_linear(fit.pipeline), classes, method.name)
+    clf = Classifier(backbone, wrap(prep, _linear(model)), classes, method.name)
     save_classifier(clf, root / method.model_dir, pretrained=params.features.pretrained)
     write_json(root / method.metrics_file, metrics)
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | None)}

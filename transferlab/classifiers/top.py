@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from transferlab.backbones import Backbone
-from transferlab.classifiers.loop import epoch_budget, fit
+from transferlab.classifiers.loop import choose_trial, epoch_budget, fit
+from transferlab.classifiers.prep import wrap
 from transferlab.classifiers.training import (
     accuracy,
     augment_batch,
@@ -64,6 +65,7 @@ def train_top(
     x_val: Tensor | None = None,
     y_val: Tensor | None = None,
     backbone: Backbone | None = None,
+    prep: nn.Module | None = None,
 ) -> TrainResult:
     """Train a head with early stopping on validation accuracy (the shared loop, ``loop.fit``).
 
@@ -74,6 +76,8 @@ def train_top(
         y_train: (N,) int64 labels.
         x_val, y_val: the same for validation (optional; no early stopping without them).
         backbone: pass it to train through the frozen backbone (needed for augmentation).
+        prep: a fitted ``prep.FeaturePrep`` between features and head; the returned head
+            includes it, so it still maps raw features.
 
     Returns:
         The best head and the per-epoch history.
@@ -103,11 +107,11 @@ def train_top(
 
     @torch.no_grad()
     def feats(x: Tensor, train: bool) -> Tensor:
-        if not through_backbone:
-            return x
-        if train and aug is not None:
-            x = augment_batch(x, aug)
-        return backbone.features(x)
+        if through_backbone:
+            if train and aug is not None:
+                x = augment_batch(x, aug)
+            x = backbone.features(x)
+        return x if prep is None else prep(x)
 
     def step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         logits = head(feats(x, True))
@@ -141,14 +145,19 @@ def train_top(
         # on cached features an epoch takes milliseconds: a batch bar only through the backbone
         batch_bar=through_backbone,
     )
+    if prep is not None:
+        head = wrap(prep, head)
     return TrainResult(head.eval(), res.history, res.best_epoch, res.seconds, res.sanity)
 
+
 def run(params, root: Path) -> dict:
-    """The ``top`` stage: train the head (on the cached features, or through the backbone with
-    ``top.augment``); write ``models/top`` and ``metrics/top.json``."""
+    """The ``top`` stage: the features under ``features.preprocess``, one head per trial of
+    ``top.search`` (on the cached features, or through the backbone with ``top.augment``), the
+    best on val kept; writes ``models/top`` and ``metrics/top.json``."""
     from transferlab.atomic import write_json
     from transferlab.backbones import load_backbone
     from transferlab.classifiers.base import Classifier, save_classifier
+    from transferlab.classifiers.prep import choose_prep, fit_prep
     from transferlab.classifiers.training import split_metrics, trained_parameters
     from transferlab.features import split_images
     from transferlab.layout import PARTS, labelled_features
@@ -157,30 +166,33 @@ def run(params, root: Path) -> dict:
     method = METHODS["top"]
     tp = params.top
     data, classes = labelled_features(root)
+    kind, probe = choose_prep(
+        params.features.preprocess, *(data[k] for k in ("x_train", "y_train", "x_val", "y_val"))
+    )
+    prep = fit_prep(kind, data["x_train"]).float()
     feats = {k: torch.from_numpy(v) for k, v in data.items()}
     backbone = load_backbone(params.features.backbone, params.features.pretrained)
     if tp.augment:
         imgs = split_images(
             root, classes, backbone.spec, background=params.data.background, parts=("train", "val")
         )
-        res = train_top(
+    inputs = imgs if tp.augment else {k: v.float() if k[0] == "x" else v for k, v in feats.items()}
+
+    def train(_: int, trial: dict) -> TrainResult:
+        return train_top(
             n_classes=len(classes),
-            params=tp,
-            x_train=imgs["x_train"],
-            y_train=imgs["y_train"],
-            x_val=imgs["x_val"],
-            y_val=imgs["y_val"],
-            backbone=backbone,
+            params=tp.with_trial(trial),
+            x_train=inputs["x_train"],
+            y_train=inputs["y_train"],
+            x_val=inputs["x_val"],
+            y_val=inputs["y_val"],
+            backbone=backbone if tp.augment else None,
+            prep=prep,
         )
-    else:
-        res = train_top(
-            n_classes=len(classes),
-            params=tp,
-            x_train=feats["x_train"].float(),
-            y_train=feats["y_train"],
-            x_val=feats["x_val"].float(),
-            y_val=feats["y_val"],
-        )
+
+    res, selection = choose_trial(
+        "top", tp.trials(), train, lambda r: r.history[r.best_epoch]["val_acc"]
+    )
     # the backbone is frozen, so its cached features are exactly what the classifier sees
     preds = {p: predict(res.head, feats[f"x_{p}"].float()) for p in PARTS}
     metrics = split_metrics(preds, {p: data[f"y_{p}"] for p in PARTS}, classes)
@@ -189,6 +201,12 @@ def run(params, root: Path) -> dict:
             "history": res.history,
             "best_epoch": res.best_epoch,
             "epochs_run": len(res.history),
+            "selection": selection,
+            "preprocess": {
+                "key": params.features.preprocess,
+                "chosen": kind,
+                "probe_val_acc": probe,
+            },
             "train_seconds": round(res.seconds, 4),
             "trained_parameters": trained_parameters([res.head]),
             "n_train": int(len(data["y_train"])),

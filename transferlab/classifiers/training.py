@@ -45,7 +45,12 @@ def make_head(
 
 
 def head_spec(head: nn.Module) -> dict:
-    """What :func:`make_head` needs to rebuild ``head`` (stored in ``meta.json``)."""
+    """What :func:`make_head` needs to rebuild ``head`` (stored in ``meta.json``); a head behind
+    a feature transform (``prep.Prepped``) adds the transform's kind."""
+    from transferlab.classifiers.prep import Prepped
+
+    if isinstance(head, Prepped):
+        return {**head_spec(head.head), "prep": head.prep.kind}
     if isinstance(head, nn.Linear):
         return {
             "kind": "linear",
@@ -65,13 +70,16 @@ def head_spec(head: nn.Module) -> dict:
 
 
 def head_from_spec(spec: dict) -> nn.Module:
-    return make_head(
+    from transferlab.classifiers.prep import FeaturePrep, wrap
+
+    head = make_head(
         spec.get("kind", "linear"),
         spec["in_features"],
         spec["out_features"],
         hidden=spec.get("hidden", 256),
         dropout=spec.get("dropout", 0.0),
     )
+    return wrap(FeaturePrep(spec.get("prep", "none"), spec["in_features"]), head)
 
 
 def make_optimizer(
@@ -111,6 +119,16 @@ def augmentation(size: int) -> T.Compose:
 def augment_batch(x01: Tensor, transform: T.Compose) -> Tensor:
     """Per-image augmentation (a batch call would give every image the same crop)."""
     return torch.stack([transform(img) for img in x01]).clamp_(0.0, 1.0)
+
+
+def resize_to(x01: Tensor, size: int | None) -> Tensor:
+    """(N, 3, H, W) images -> (N, 3, size, size), bilinear with antialiasing (a no-op at that
+    size already, or for ``None``)."""
+    if size is None or (x01.shape[-2] == size and x01.shape[-1] == size):
+        return x01
+    return nn.functional.interpolate(
+        x01, size=(size, size), mode="bilinear", antialias=True, align_corners=False
+    )
 
 
 def spec_at_size(spec: BackboneSpec, size: int | None) -> BackboneSpec:

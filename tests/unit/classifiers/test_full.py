@@ -140,31 +140,49 @@ def test_stale_checkpoint_is_not_resumed(random_lite0, tiny_images, tmp_path, ca
 def test_full_classifier_round_trips_with_its_weights_and_input_size(
     random_lite0, tiny_images, tmp_path
 ):
-    from transferlab.classifiers.training import spec_at_size
-
     x, y, _, _ = tiny_images
-    random_lite0.spec = spec_at_size(random_lite0.spec, 32)
     res = train_full(
         backbone=random_lite0,
         n_classes=3,
         params=FullParams(**FAST, epochs=1, head="mlp"),
         x_train=x,
         y_train=y,
+        input_size=24,
     )
-    clf = Classifier(res.backbone, res.head, ["a", "b", "c"], "full").eval()
+    clf = Classifier(res.backbone, res.head, ["a", "b", "c"], "full", input_size=24).eval()
     save_classifier(clf, tmp_path / "full", pretrained="none")
     meta = json.loads((tmp_path / "full" / "meta.json").read_text())
-    assert meta["input_size"] == 32 and meta["head"]["kind"] == "mlp"
+    assert meta["input_size"] == 24 and meta["head"]["kind"] == "mlp"
     assert (tmp_path / "full" / "backbone.pt").exists()
     back = load_classifier(tmp_path / "full")
-    assert back.backbone.spec.input_size == 32
+    # it takes the same images as every model and sees them at the size it was trained at
+    assert back.input_size == 24 and back.backbone.spec.input_size == 224
     with torch.no_grad():
         torch.testing.assert_close(back(x), clf(x))
+        small = torch.nn.functional.interpolate(
+            x, size=(24, 24), mode="bilinear", antialias=True, align_corners=False
+        )
+        torch.testing.assert_close(back(x), back.head(back.backbone.features(small)))
     # A save killed between its renames: new backbone weights beside the old meta.json.
     torch.save({k: v + 1 for k, v in clf.backbone.state_dict().items()}, tmp_path / "x.pt")
     (tmp_path / "x.pt").replace(tmp_path / "full" / "backbone.pt")
     with pytest.raises(RuntimeError, match="interrupted"):
         load_classifier(tmp_path / "full")
+
+
+def test_trained_parameters_leave_out_the_unused_imagenet_head(random_lite0, tiny_images):
+    x, y, _, _ = tiny_images
+    res = train_full(
+        backbone=random_lite0,
+        n_classes=3,
+        params=FullParams(**FAST, epochs=1),
+        x_train=x,
+        y_train=y,
+    )
+    body = sum(p.numel() for p in random_lite0.body.parameters())
+    imagenet_head = sum(p.numel() for p in random_lite0.head.parameters())
+    assert imagenet_head > 1_000_000  # 1280 x 1000 + 1000
+    assert res.trained_parameters == body + sum(p.numel() for p in res.head.parameters())
 
 
 def test_overfitting_warning(random_lite0, caplog):
