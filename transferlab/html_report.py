@@ -258,17 +258,35 @@ def _learning_curve_section(root: Path) -> str:
     return "".join(_img(p, p.stem) for p in found[:1])
 
 
+def _eps(flag: dict) -> str:
+    return f"{flag['eps'] * 255:.3g}/255" if "eps" in flag else ""
+
+
+def _training_flags(root: Path) -> list[dict]:
+    """Each method's under-trained check (``sanity`` in ``metrics/<method>.json``) as a flag."""
+    from transferlab.methods import METHODS
+
+    flags = []
+    for name, method in METHODS.items():
+        sanity = (_read_json(root / method.metrics_file) or {}).get("sanity") or {}
+        if sanity.get("under_trained"):
+            flags.append(
+                {"level": "warn", "check": f"under-trained: {sanity['why']}", "model": name}
+            )
+    return flags
+
+
 def _sanity_section(root: Path) -> str:
     attack = _read_json(root / "metrics/attack.json")
     if attack is None:
         return _missing("No attack has run yet.", "transferlab attack")
-    flags = attack.get("sanity", [])
+    flags = _training_flags(root) + attack.get("sanity", [])
     if not flags:
         return "<p class='ok'>All sanity checks passed.</p>"
     rows = "".join(
         f"<tr><td class='flag-{_esc(f['level'])}'>{_esc(f['level'])}</td><td>{_esc(f['check'])}"
         f"</td><td>{_esc(f.get('model', ''))} {_esc(f.get('attack', ''))}</td>"
-        f"<td class='num'>{f.get('eps', 0) * 255:.3g}/255</td></tr>"
+        f"<td class='num'>{_eps(f)}</td></tr>"
         for f in flags
     )
     return (
