@@ -343,14 +343,18 @@ app.add_typer(experiment_app, name="experiment")
 def learning_curve(
     params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
 ) -> None:
-    """svm vs top vs full on few-shot Fashion-MNIST subsets: which method wins at which
-    training-set size.
+    """Every method on nested Fashion-MNIST subsets (N per class up to 1000, 96 px): which
+    wins at which training-set size, with 95% intervals, and where the lecture's ordering holds.
 
-    Reads: the Fashion-MNIST IDX files in learning_curve.idx_dir; params: learning_curve,
-    features, svm, top, full. A bar counts the (seed, N) points; the trainers show their own.
+    Reads: the Fashion-MNIST IDX files in learning_curve.idx_dir; params: learning_curve
+    (its method_overrides change a method's section for this experiment only), features and
+    the methods' sections. A bar counts the runs; the trainers show their own. The backbone's
+    features of the pool and the test set are cached under features.cache_dir.
 
-    Writes: learning_curve.out_dir/runs.csv (every run), summary.md (the table and the command),
-    curve.png; an MLflow run per method.
+    Writes: learning_curve.out_dir/runs.csv (every run), outcomes.npz (every run's per-image
+    test outcomes), summary.md (tables with intervals, paired differences, the lecture's
+    ordering per N, the command), curve.png; an MLflow run per method. The outputs are
+    rewritten after every run, so a run stopped for time keeps what it finished.
     """
     loaded = _setup(params, verbose, quiet)
     from transferlab.experiments.learning_curve import learning_curve_experiment
