@@ -535,8 +535,9 @@ def lecture_verdicts(summary: list[dict], order: tuple[str, ...]) -> list[dict]:
 
     ``order`` names the methods from the few-images winner to the many-images winner (one per
     regime of ``REGIMES``). At each N the regime's expected winner "holds" if it is
-    significantly better than every other method run there, "holds (tie)" if no method is
-    significantly better than it but some tie, and "does not hold" if one beats it.
+    significantly better than every other method run there, "tie (not refuted, not
+    confirmed)" if no method is significantly better than it but some tie, and "does not hold"
+    if one beats it.
     """
     out = []
     for row in summary:
@@ -561,7 +562,7 @@ def lecture_verdicts(summary: list[dict], order: tuple[str, ...]) -> list[dict]:
         elif vs and all(v == "win" for v in vs.values()):
             verdict = "holds"
         else:
-            verdict = "holds (tie)" if vs else "only method run"
+            verdict = "tie (not refuted, not confirmed)" if vs else "only method run"
         detail = ", ".join(f"{v} vs {m}" for m, v in vs.items())
         out.append(
             {
@@ -696,6 +697,16 @@ def write_outputs(
     n_test = rows[0]["n_test"] if rows else 0
     full_ns = ", ".join(str(n) for n in lc.backbone_n_per_class)
     full_seeds = list(lc.backbone_seeds or lc.seeds)
+    costly = backbone_methods(lc)
+    backbone_note = (
+        f" Methods that train the backbone ({', '.join(costly)}) ran at N = {full_ns} per "
+        f"class with seeds {full_seeds}: what this shared 2-core CPU trains to convergence "
+        "within the run's budget."
+        if any(r["method"] in costly for r in rows)
+        else f" Methods that train the backbone ({', '.join(costly)}) finished no run: see below."
+        if costly
+        else ""
+    )
     timing = ""
     if seconds:
         timing = (
@@ -711,9 +722,8 @@ def write_outputs(
         f"nested training subsets and a {lc.val_per_class}-per-class validation set (early "
         f"stopping) from a {lc.pool_per_class}-per-class pool. Cells: mean test accuracy over "
         "the seeds [95% interval combining the seed spread (ddof=1) and the test-set sampling]."
-        f" Methods that train the backbone ({', '.join(backbone_methods(lc))}) ran at N = "
-        f"{full_ns} per class with seeds {full_seeds}: what this shared 2-core CPU trains to "
-        f"convergence within the run's budget.{timing}\n\n"
+        + backbone_note
+        + f"{timing}\n\n"
         + (
             f"Method settings (their sections + `method_overrides`): {settings}\n\n"
             if settings

@@ -112,7 +112,7 @@ def test_lecture_verdicts_say_where_the_ordering_holds_and_where_not():
         {"svm": [0.8, 0.8, 0.8], "top": [0.8, 0.8, 0.8], "full": [0.5, 0.5, 0.5]}
     )
     (v,) = lecture_verdicts(summarise(rows, outcomes), ("svm", "top", "full"))
-    assert v["expected"] == "svm" and v["verdict"] == "holds (tie)"
+    assert v["expected"] == "svm" and v["verdict"].startswith("tie")
     rows, outcomes = _rows_and_outcomes({"svm": [0.5] * 3, "top": [0.8] * 3, "full": [0.4] * 3})
     (v,) = lecture_verdicts(summarise(rows, outcomes), ("svm", "top", "full"))
     assert v["verdict"] == "does not hold" and "loss vs top" in v["detail"]
