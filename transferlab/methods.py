@@ -49,6 +49,7 @@ class Method:
         attackable: may be listed in ``attack.models`` (and is a dep of the attack stage).
         trains_backbone: its backbone leaves eval mode when training (BatchNorm, dropout);
             the frozen-backbone methods keep the ImageNet statistics.
+        after: methods whose stored models its stage reads (``adv`` may start from ``full``).
     """
 
     name: str
@@ -59,6 +60,7 @@ class Method:
     reads: tuple[Input, ...] = ("features",)
     attackable: bool = True
     trains_backbone: bool = False
+    after: tuple[str, ...] = ()
 
     @property
     def model_dir(self) -> str:
@@ -80,7 +82,7 @@ class Method:
             out += (FEATURES, SPLIT)
         if "images" in self.reads:
             out += tuple(p for p in (SPLIT, MANIFEST, IMAGES) if p not in out)
-        return out
+        return out + tuple(model_dir(m) for m in self.after)
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -209,6 +211,31 @@ class FullParams(TrainParams):
     resume: bool = True
 
 
+class AdvParams(FullParams):
+    """Adversarial fine-tuning (``classifiers/adv.py``): PGD training (Madry) or TRADES."""
+
+    init: Literal["full", "imagenet"] = Field(
+        "full", description="start from models/full (cheap) or the ImageNet backbone"
+    )
+    scope: Literal["full", "top"] = Field("full", description="top: train the head only")
+    loss: Literal["pgd", "trades"] = "pgd"
+    beta: float = Field(6.0, ge=0.0, description="TRADES: weight of the robustness term")
+    eps: float = Field(2 / 255, gt=0.0, le=1.0, description="training L-inf budget (pixels)")
+    steps: int = Field(3, ge=1, description="attack steps per batch")
+    step_size: float | None = Field(None, gt=0.0, description="null: 2.5 * eps / steps")
+    ramp_epochs: float = Field(1.0, ge=0.0, description="eps grows linearly over these")
+    clean_mix: float = Field(0.0, ge=0.0, le=1.0, description="weight of the clean loss (pgd)")
+    val_steps: int = Field(5, ge=1, description="PGD steps of the robust val accuracy")
+    epochs: int = Field(2, ge=1)
+
+    @field_validator("eps", "step_size", mode="before")
+    @classmethod
+    def _eps(cls, v):
+        from transferlab.config import parse_eps  # lazily: config imports this module
+
+        return None if v is None else parse_eps(v)
+
+
 # ---------------------------------------------------------------- the methods
 
 register(
@@ -244,6 +271,21 @@ register(
         "overfitting. While it runs, a checkpoint every epoch under .transferlab/checkpoints/, "
         "so a re-run after a kill resumes (full.resume) and deletes it at the end.",
         reads=("images",),
+        trains_backbone=True,
+    )
+)
+register(
+    Method(
+        name="adv",
+        params=AdvParams,
+        run="transferlab.classifiers.adv:run",
+        summary="Adversarial fine-tuning (PGD or TRADES), robust-val model selection: models/adv/.",
+        details="Trains on PGD adversarials crafted against the current weights every batch "
+        "(adv.steps of them, eps ramped up over adv.ramp_epochs), from models/full (adv.init: "
+        "full) or the ImageNet backbone; the kept epoch has the best PGD accuracy on the "
+        "validation images. Checkpointed and resumable like full.",
+        reads=("images",),
+        after=("full",),
         trains_backbone=True,
     )
 )
