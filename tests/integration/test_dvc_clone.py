@@ -170,14 +170,14 @@ def test_exp_run_fills_exp_show_and_leaves_the_champion(clone):
     # a person promotes on purpose (outside DVC), then experiments run
     sh("transferlab", "gate", "-q", cwd=repo, env=env)
     before = champion(clone)
-    sh("dvc", "exp", "run", "-n", "c-small", "-S", "svm.C=[0.1]", cwd=repo, env=env)
+    sh("dvc", "exp", "run", "-n", "c-small", "-S", "svm.C=[0.1,1.0]", cwd=repo, env=env)
     assert champion(clone) == before
 
     shown = dvc_json(clone, "exp", "show")
     exps = [e for row in shown for e in (row.get("experiments") or [])]
     (exp,) = [e for e in exps if e.get("name") == "c-small"]
     data = exp["revs"][0]["data"]
-    assert data["params"]["params.yaml"]["data"]["svm"]["C"] == [0.1]
+    assert data["params"]["params.yaml"]["data"]["svm"]["C"] == [0.1, 1.0]
     for name in ("svm", "top", "full", "attack"):
         metric = data["metrics"][f"metrics/{name}.json"]
         assert metric.get("data") and "error" not in metric, (name, metric)
@@ -187,12 +187,15 @@ def test_exp_run_fills_exp_show_and_leaves_the_champion(clone):
 
     # the workspace holds the experiment's results: params diff against the commit shows it
     diff = dvc_json(clone, "params", "diff")
-    assert diff["params.yaml"]["svm.C"]["new"] in ([0.1], "[0.1]")  # the JSON renders lists
+    assert diff["params.yaml"]["svm.C"]["new"] in (
+        [0.1, 1.0],
+        "[0.1, 1.0]",
+    )  # the JSON renders lists
 
     sh("git", "checkout", "--", ".", cwd=repo, env=env)  # back to the committed baseline
     sh("dvc", "checkout", "-q", cwd=repo, env=env)
     sh("dvc", "exp", "apply", "c-small", cwd=repo, env=env)
-    assert yaml.safe_load((repo / "params.yaml").read_text())["svm"]["C"] == [0.1]
+    assert yaml.safe_load((repo / "params.yaml").read_text())["svm"]["C"] == [0.1, 1.0]
 
     import mlflow
 
@@ -205,7 +208,7 @@ def test_exp_run_fills_exp_show_and_leaves_the_champion(clone):
     )
     (run,) = runs
     assert run.data.tags["transferlab.run_kind"] == "dvc-experiment"
-    assert run.info.run_name.startswith("exp c-small: ") and "svm.C=[0.1]" in run.info.run_name
+    assert run.info.run_name.startswith("exp c-small: ") and "svm.C=[0.1, 1.0]" in run.info.run_name
 
 
 def test_push_then_pull_restores_the_outputs(clone):
