@@ -63,6 +63,14 @@ def tiny_params(dataset: Path, **overrides) -> dict:
         "svm": {"C": [0.01, 0.1], "cv": 2},
         "top": {"epochs": 10, "search": {"lr": [0.01, 0.1]}},
         "full": {"epochs": 1, "image_size": 64, "batch_size": 8, "search": {"lr": [0.01, 0.02]}},
+        "adv": {
+            "epochs": 1,
+            "image_size": 64,
+            "batch_size": 8,
+            "steps": 1,
+            "val_steps": 1,
+            "search": {"lr": [0.005, 0.01]},
+        },
         "attack": {
             # top attacks exactly like svm (frozen backbone + linear head): skip it, save CPU
             "models": ["svm", "full"],
