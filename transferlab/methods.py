@@ -20,6 +20,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
+from transferlab.eps import Eps
 from transferlab.layout import (
     FEATURES,
     IMAGES,
@@ -231,9 +232,7 @@ class AdvParams(FullParams):
     @field_validator("eps", "step_size", mode="before")
     @classmethod
     def _eps(cls, v):
-        from transferlab.config import parse_eps  # lazily: config imports this module
-
-        return None if v is None else parse_eps(v)
+        return None if v is None else Eps.parse(v)
 
 
 # ---------------------------------------------------------------- the methods

@@ -18,6 +18,7 @@ from transferlab.evaluate import (
     sanity_flags,
     scalar_fields,
 )
+from transferlab.methods import METHODS
 from transferlab.robustness import Autocast, model_digest
 
 
@@ -204,7 +205,7 @@ def test_attack_params_validation(tmp_path) -> None:
         ("attack:\n  attacks: [cw]\n", "'fgsm', 'bim', 'pgd', 'mifgsm', 'square'"),
         ("attack:\n  pgd: {steps: 0}\n", "attack.pgd.steps"),
         ("attack:\n  pgd: {stepz: 3}\n", "allowed keys here: steps, step_size"),
-        ("attack:\n  models: [../x]\n", "allowed values are ['svm', 'top', 'full', 'imagenet']"),
+        ("attack:\n  models: [../x]\n", f"allowed values are {[*METHODS, 'imagenet']}"),
         ("attack:\n  square: {p_init: 2}\n", "attack.square.p_init"),
         ("attack:\n  transfer: {attack: square}\n", "attack.transfer.attack"),
         ("attack:\n  attacks: [fgsm, fgsm]\n", "without repeats"),
