@@ -7,6 +7,7 @@ reads the variable when each bar is made, so quiet mode holds whatever the impor
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import sys
@@ -64,10 +65,11 @@ def progress(
     if sys.stderr.isatty():
         looks = {"file": sys.stderr, "dynamic_ncols": True}
     else:
+        interval = log_interval()
         looks = {
             "file": _LineWriter(sys.stderr),
-            "mininterval": LOG_INTERVAL,
-            "delay": LOG_INTERVAL,  # steps shorter than that leave no line at all
+            "mininterval": interval,
+            "delay": interval,  # steps shorter than that leave no line at all
             "bar_format": LOG_FORMAT,
         }
     return tqdm(
@@ -84,6 +86,22 @@ def progress(
 
 # Outside a terminal: one line per bar at most every LOG_INTERVAL seconds, no bar drawing.
 LOG_INTERVAL = 5.0
+INTERVAL_ENV = "TRANSFERLAB_PROGRESS_INTERVAL"
+
+
+def log_interval() -> float:
+    """Seconds between progress lines outside a terminal: ``$TRANSFERLAB_PROGRESS_INTERVAL``
+    (0: every update; more for quieter CI logs), else ``LOG_INTERVAL``."""
+    value = os.environ.get(INTERVAL_ENV, "")
+    try:
+        seconds = float(value) if value else LOG_INTERVAL
+    except ValueError:
+        raise ValueError(f"{INTERVAL_ENV}={value!r} is not a number of seconds") from None
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"{INTERVAL_ENV}={value!r} must be a finite number of seconds >= 0")
+    return seconds
+
+
 LOG_FORMAT = (
     "{desc}: {percentage:3.0f}% {n_fmt}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
 )

@@ -146,7 +146,9 @@ def test_quiet_mode_has_no_progress_bars(pipeline_workspace, tmp_path):
     for mode in ("loud", "quiet"):
         ws = tmp_path / mode
         shutil.copytree(pipeline_workspace, ws, ignore=shutil.ignore_patterns("lock", "cache"))
-        out[mode] = cli("features", *(["-q"] if mode == "quiet" else []), cwd=ws)
+        # a line for every update: a log shows a step only once it has run LOG_INTERVAL seconds
+        env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFERLAB_PROGRESS_INTERVAL": "0"}
+        out[mode] = cli("features", *(["-q"] if mode == "quiet" else []), cwd=ws, env=env)
         assert out[mode].returncode == 0, out[mode].stderr
     assert "img/s" in out["loud"].stderr and "INFO" in out["loud"].stderr
     assert "img/s" not in out["quiet"].stderr and "INFO" not in out["quiet"].stderr
@@ -169,7 +171,7 @@ def test_full_shows_rates_and_training_accuracy_and_quiet_hides_them(tmp_path, t
     for stage in ("pull", "split"):
         STAGES[stage].run(load_params(ws / "params.yaml"), ws)
     # every update printed, so the test does not depend on how fast the batches run
-    env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "TRANSFERLAB_PROGRESS_INTERVAL": "0"}
     loud = cli("full", cwd=ws, env=env)
     assert loud.returncode == 0, loud.stderr
     for shown in ("img/s", "epoch", "full epoch 1/2", "loss=", "acc=", "val_acc="):
