@@ -77,14 +77,17 @@ def test_interrupted_report_never_leaves_a_running_run(case, sig, workspace_copy
     log = tmp_path / "report.log"
     proc = start_stage("report", workspace_copy, log)
 
-    def first_method_open():
-        # not just the parent: with methods still to log, the signal cannot land after the end
-        return any(
-            r.info.status == "RUNNING" and r.info.run_name == "svm"
-            for r in _mlflow_runs(workspace_copy)
+    def first_method_started():
+        # not just the parent: with methods still to log, the signal cannot land after the end.
+        # The svm's own run may already be FINISHED (an unchanged model is not logged again, so
+        # it stays open for milliseconds); the parent stays open until every method is logged.
+        runs = [r for r in _mlflow_runs(workspace_copy) if r.info.run_id not in earlier]
+        parent_open = any(
+            r.info.status == "RUNNING" and "mlflow.parentRunId" not in r.data.tags for r in runs
         )
+        return parent_open and any(r.info.run_name == "svm" for r in runs)
 
-    wait_for(first_method_open)
+    wait_for(first_method_started)
     code = signal_and_wait(proc, sig, log)
     if sig == signal.SIGKILL:
         assert "RUNNING" in {r.info.status for r in _mlflow_runs(workspace_copy)}
