@@ -73,6 +73,15 @@ def _mlflow_runs(ws: Path, experiment: str = "tiny"):
     ],
 )
 def test_interrupted_report_never_leaves_a_running_run(case, sig, workspace_copy, tmp_path):
+    import mlflow
+
+    # A report with nothing new to register logs each method in milliseconds and may finish
+    # before the signal lands. Forgetting the registered versions makes every method log and
+    # register its model again (seconds each): the window this case needs.
+    uri = f"sqlite:///{workspace_copy / 'mlruns.db'}"
+    registry = mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+    for model in registry.search_registered_models():
+        registry.delete_registered_model(model.name)
     earlier = {r.info.run_id for r in _mlflow_runs(workspace_copy)}
     log = tmp_path / "report.log"
     proc = start_stage("report", workspace_copy, log)
