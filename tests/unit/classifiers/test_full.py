@@ -11,7 +11,8 @@ import torch
 
 from tests.conftest import REPO
 from transferlab.classifiers import Classifier, load_classifier, save_classifier
-from transferlab.classifiers.full import _groups, _schedule, train_full
+from transferlab.classifiers.finetune import warmup_cosine
+from transferlab.classifiers.full import _groups, train_full
 from transferlab.config import FullParams
 
 FAST = {"image_size": 32, "batch_size": 6, "augment": False, "resume": True}
@@ -121,7 +122,7 @@ def test_param_groups_schedule_and_gradual_unfreezing(random_lite0, tiny_images)
 
 
 def test_warmup_then_cosine():
-    f = _schedule(total=10, warmup=2)
+    f = warmup_cosine(total=10, warmup=2)
     assert [f(0), f(1)] == [0.5, 1.0]
     assert f(2) == pytest.approx(1.0) and f(9) < 0.1
     assert all(f(i) >= f(i + 1) for i in range(2, 9))
