@@ -85,15 +85,18 @@ def split(params: Params, root: Path) -> dict:
     return split_manifest(root / MANIFEST, params.split, root / SPLIT)
 
 
-def _extract_rows(params: Params, root: Path, rows: list[dict], *, record: bool = True):
+def _extract_rows(
+    params: Params, root: Path, rows: list[dict], *, record: bool = True, backbone=None
+):
     """Features for ``rows`` through the cache; a shard lands every ``features.checkpoint_every``
-    new images, so a killed run resumes from the last one."""
+    new images, so a killed run resumes from the last one. ``backbone``: one the caller has
+    loaded already (``label suggest`` has its scorer's), else ``features.backbone``."""
     from transferlab.backbones import load_backbone
     from transferlab.features import extract_features
 
     fp = params.features
     return extract_features(
-        load_backbone(fp.backbone, fp.pretrained),
+        backbone or load_backbone(fp.backbone, fp.pretrained),
         [root / "data" / r["path"] for r in rows],
         [r["sha256"] for r in rows],
         cache_root=root / fp.cache_dir,

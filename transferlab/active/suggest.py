@@ -11,8 +11,11 @@ relative to the CSV), the model's guess, the strategy's score, the strategy, and
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import os
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +30,9 @@ log = logging.getLogger(__name__)
 
 CSV_COLUMNS = ("rank", "path", "thumbnail", "guess", "score", "strategy", "label")
 CHECKS = ".transferlab/label/checked.json"
+# as the feature cache's shard check (git's "racily clean" files): a file modified this recently
+# may change again within one mtime tick, so its stat is not trusted later
+RACY_NS = 2_000_000_000
 
 
 class LabelError(ValueError):
@@ -45,7 +51,8 @@ def list_unlabelled(source: Path) -> list[Path]:
     from transferlab.data.sources import IMAGE_EXTENSIONS, _walk_images
 
     if source.is_dir():
-        return _walk_images(source, IMAGE_EXTENSIONS)
+        # resolved once here: every path under it is then absolute, with no resolve per file
+        return _walk_images(source.resolve(), IMAGE_EXTENSIONS)
     if not source.is_file():
         raise LabelError(
             f"unlabelled images: {source} does not exist; put the images to choose from in that "
@@ -62,7 +69,8 @@ def list_unlabelled(source: Path) -> list[Path]:
         items = [d["path"] if isinstance(d, dict) else d for d in data]
     else:
         raise LabelError(f"{source}: expected a folder, a .csv or a .json list of image paths")
-    return [(source.parent / p).resolve() for p in items]
+    base = source.parent.resolve()
+    return [Path(os.path.normpath(base / p)) for p in items]
 
 
 def image_problem(data: bytes, dp) -> str | None:
@@ -84,14 +92,15 @@ def image_problem(data: bytes, dp) -> str | None:
 def check_candidates(
     paths: list[Path], params: Params, root: Path
 ) -> tuple[list[Candidate], list[dict]]:
-    """Pull's acceptance rules for each file; verdicts are remembered per content digest and
-    rule set (``.transferlab/label/checked.json``), so a second suggest decodes nothing.
+    """Pull's acceptance rules for each file, remembered as pull remembers them
+    (``.transferlab/label/checked.json``): a file whose size and mtime are unchanged since it was
+    last read is not read again (its sha256 is known), and bytes already judged under the same
+    rules are not decoded again. A second suggest on the same pool reads no image.
 
     Returns:
         The usable images (byte-identical copies kept once) and ``{"path", "reason"}`` for the
         rest.
     """
-    from transferlab.data import file_sha256
     from transferlab.progress import progress
 
     dp = params.data
@@ -102,31 +111,57 @@ def check_candidates(
         try:
             memo = json.loads(memo_path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            memo = {}  # a damaged memo only costs decoding again
+            memo = {}  # a damaged memo only costs reading and decoding again
     verdicts = memo.get(rules, {})
+    # path -> [size, mtime_ns, sha256] when last read; a file changed within RACY_NS of its
+    # reading may change again within the same mtime tick, so it is not remembered
+    known_files = memo.get("files", {})
+    files: dict[str, list] = {}
+    now = time.time_ns()
     ok: list[Candidate] = []
     rejected: list[dict] = []
     seen: dict[str, Path] = {}
     with progress(desc="checking unlabelled images", unit="img", total=len(paths)) as bar:
         for path in paths:
             bar.update()
+            key = str(path)
             try:
-                sha = file_sha256(path)
+                st = os.stat(path)
+                if not stat.S_ISREG(st.st_mode):
+                    rejected.append({"path": key, "reason": "not a regular file"})
+                    continue
+                if st.st_size > dp.max_bytes:  # judged before reading, as pull does
+                    rejected.append(
+                        {
+                            "path": key,
+                            "reason": f"too large: {st.st_size} bytes > data.max_bytes "
+                            f"{dp.max_bytes}",
+                        }
+                    )
+                    continue
+                stamp = [st.st_size, st.st_mtime_ns]
+                known = known_files.get(key)
+                if known is not None and known[:2] == stamp and known[2] in verdicts:
+                    sha = known[2]
+                else:
+                    data = path.read_bytes()  # once: hashed and, if new, decoded
+                    sha = hashlib.sha256(data).hexdigest()
+                    if sha not in verdicts:
+                        verdicts[sha] = image_problem(data, dp) or ""
+                if now - st.st_mtime_ns >= RACY_NS:
+                    files[key] = [*stamp, sha]
             except OSError as exc:
-                rejected.append({"path": str(path), "reason": f"unreadable: {exc.strerror or exc}"})
+                rejected.append({"path": key, "reason": f"unreadable: {exc.strerror or exc}"})
                 continue
-            if sha not in verdicts:
-                verdicts[sha] = image_problem(path.read_bytes(), dp) or ""
             if verdicts[sha]:
-                rejected.append({"path": str(path), "reason": verdicts[sha]})
+                rejected.append({"path": key, "reason": verdicts[sha]})
             elif sha in seen:
-                rejected.append(
-                    {"path": str(path), "reason": f"duplicate: same bytes as {seen[sha]}"}
-                )
+                rejected.append({"path": key, "reason": f"duplicate: same bytes as {seen[sha]}"})
             else:
                 seen[sha] = path
                 ok.append(Candidate(path, sha))
     memo[rules] = verdicts
+    memo["files"] = {**known_files, **files}
     with atomic_write(memo_path, "w", encoding="utf-8") as f:
         json.dump(memo, f)
     return ok, rejected
@@ -151,8 +186,8 @@ def _train_features(root: Path) -> np.ndarray:
 
 
 def load_scorer(root: Path, model: str):
-    """The head of ``models/<model>`` and its classes; refuses models whose backbone was
-    fine-tuned (their features are not the cached ones)."""
+    """The stored classifier ``models/<model>`` (its head scores the cached features); refuses
+    models whose backbone was fine-tuned (their features are not the cached ones)."""
     from transferlab.classifiers import load_classifier
 
     folder = root / "models" / model
@@ -169,8 +204,7 @@ def load_scorer(root: Path, model: str):
             f"label.model {model!r} fine-tunes its backbone, so the cached features do not "
             f"describe what it sees; choose a model on the frozen backbone (e.g. svm or top)"
         )
-    clf = load_classifier(folder)
-    return clf.head, list(clf.classes)
+    return load_classifier(folder)
 
 
 def _thumbnail(src: Path, dest: Path, size: int, background: tuple[int, int, int]) -> None:
@@ -216,8 +250,12 @@ def suggest(
     if strategy not in STRATEGIES:
         raise LabelError(f"unknown strategy {strategy!r}; choose one of: {', '.join(STRATEGIES)}")
     t0 = time.perf_counter()
-    head, classes = load_scorer(root, model)
-    ok, rejected = check_candidates(list_unlabelled(source), params, root)
+    scorer = load_scorer(root, model)
+    classes = list(scorer.classes)
+    t_model = time.perf_counter()
+    paths = list_unlabelled(source)  # absolute
+    t_listed = time.perf_counter()
+    ok, rejected = check_candidates(paths, params, root)
     for r in rejected:
         log.warning("left out %s: %s", r["path"], r["reason"])
     known = _labelled_shas(root)
@@ -230,13 +268,13 @@ def suggest(
             f"{len(ok) - len(pool)} already labelled); add images there"
         )
     t_checked = time.perf_counter()
-    # the pipeline's own extraction: same backbone, precision and cache as the features stage
-    # (absolute paths: joined onto root/data they stay themselves)
-    rows = [{"path": str(c.path.resolve()), "sha256": c.sha256} for c in pool]
-    feats, stats = _extract_rows(params, root, rows, record=False)
+    # the pipeline's own extraction: same precision and cache as the features stage, through
+    # the scorer's backbone (loaded once; absolute paths stay themselves under root/data)
+    rows = [{"path": str(c.path), "sha256": c.sha256} for c in pool]
+    feats, stats = _extract_rows(params, root, rows, record=False, backbone=scorer.backbone)
     t_feats = time.perf_counter()
     with torch.no_grad():
-        logits = head(torch.from_numpy(feats)).numpy()
+        logits = scorer.head(torch.from_numpy(feats)).numpy()
     probs = softmax(logits)
     sel = select(
         strategy,
@@ -256,7 +294,7 @@ def suggest(
         table.append(
             {
                 "rank": rank,
-                "path": str(c.path.resolve()),
+                "path": str(c.path),
                 "thumbnail": thumb.relative_to(out.parent).as_posix(),
                 "guess": classes[int(probs[i].argmax())],
                 "score": f"{float(score):.6g}",
@@ -280,8 +318,13 @@ def suggest(
         "model": model,
         "features_extracted": stats.misses,
         "features_cached": stats.hits,
-        "seconds_check": round(t_checked - t0, 3),
+        # by phase: loading the model, listing the pool, pull's checks, reading (or extracting)
+        # the features, scoring and selecting, writing thumbnails and the CSV
+        "seconds_model": round(t_model - t0, 3),
+        "seconds_list": round(t_listed - t_model, 3),
+        "seconds_check": round(t_checked - t_listed, 3),
         "seconds_features": round(t_feats - t_checked, 3),
         "seconds_select": round(t_selected - t_feats, 3),
+        "seconds_write": round(done - t_selected, 3),
         "seconds_total": round(done - t0, 3),
     }

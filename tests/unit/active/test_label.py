@@ -129,3 +129,36 @@ def test_import_then_pull_merges_into_train_and_keeps_the_old_split(workspace):
     # imported again: already in the data
     with pytest.raises(LabelError, match="already in the data"):
         import_labels(params, workspace, workspace / "labels/round_done.csv")
+
+
+def test_unchanged_files_are_not_read_again_and_a_changed_one_is_judged_afresh(
+    workspace, monkeypatch
+):
+    # pull's incremental rule: same size and mtime -> not read; anything else -> checked in full
+    import os
+    import pathlib
+
+    params = load_params(workspace / "params.yaml")
+    pool = workspace / "pool_memo"
+    pool.mkdir()
+    for i in range(3):
+        draw_image("circles", seed=9100 + i).save(pool / f"c{i}.png")
+        os.utime(pool / f"c{i}.png", ns=(1_600_000_000_000_000_000,) * 2)  # not racily new
+    first = suggest(params, workspace, budget=2, source=Path("pool_memo"), out=Path("labels/m.csv"))
+    assert first["pool"] == 3
+
+    real_read = pathlib.Path.read_bytes
+    reads: list[str] = []
+
+    def counting_read(self):
+        reads.append(self.name)
+        return real_read(self)
+
+    monkeypatch.setattr(pathlib.Path, "read_bytes", counting_read)
+    suggest(params, workspace, budget=2, source=Path("pool_memo"), out=Path("labels/m.csv"))
+    assert reads == []
+
+    (pool / "c1.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken now")
+    again = suggest(params, workspace, budget=2, source=Path("pool_memo"), out=Path("labels/m.csv"))
+    assert reads == ["c1.png"]
+    assert again["pool"] == 2 and again["rejected"] == 1
