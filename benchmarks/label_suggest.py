@@ -12,7 +12,8 @@ model, listing the pool, pull's checks, reading the cached features, scoring and
 writing thumbnails and the CSV). The first run meets the pool's files for the first time
 (pull's checks decode every file: reported apart, like the extraction it comes with); the later
 runs find them unchanged (pull's rule: same size and mtime, not read again). Last, the command
-itself, ``transferlab label suggest``, in a fresh process (Python start and imports included).
+itself, ``transferlab label suggest``, in a fresh process (Python start and imports included):
+its wall and CPU seconds, and the machine's load average.
 
 Prints one JSON object; ``ratio_to_target`` = seconds / the 10 s goal (<= 1 meets it).
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -106,7 +108,7 @@ def main() -> None:
                 "ratio_to_target": round(s["seconds_total"] / TARGET_SECONDS, 3),
             }
         )
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(
         [sys.executable, "-m", "transferlab.cli", "label", "suggest", "-q"]
         + ["--budget", str(args.budget), "--strategy", "margin", "--out", "labels/cli.csv"],
@@ -115,6 +117,10 @@ def main() -> None:
         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
     )
     cli_seconds = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    # CPU seconds: what the wall time would be on an idle machine (the command is one thread
+    # but for a few BLAS calls); the shared 2-core box runs other jobs beside it
+    cli_cpu = after.ru_utime + after.ru_stime - cpu.ru_utime - cpu.ru_stime
     print(
         json.dumps(
             {
@@ -125,7 +131,9 @@ def main() -> None:
                 "extraction_seconds_for_pool": round(args.images / rate, 1),
                 "runs": runs,
                 "cli_margin_seconds": round(cli_seconds, 2),
+                "cli_margin_cpu_seconds": round(cli_cpu, 2),
                 "cli_ratio_to_target": round(cli_seconds / TARGET_SECONDS, 3),
+                "load_average_1min": round(os.getloadavg()[0], 1),
             },
             indent=2,
         )

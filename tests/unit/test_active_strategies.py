@@ -75,3 +75,15 @@ def test_margin_picks_the_most_ambiguous():
 def test_unknown_strategy_names_the_choices():
     with pytest.raises(ValueError, match="choose one of: random"):
         select("bald", budget=1, features=np.zeros((3, 2)), labelled=np.zeros((0, 2)))
+
+
+@pytest.mark.parametrize("method", ["least_confident", "margin_sampling", "entropy"])
+def test_uncertainty_scores_equal_scikit_activeml(method):
+    from skactiveml.pool import uncertainty_scores as library
+
+    from transferlab.active.strategies import uncertainty_scores
+
+    rng = np.random.default_rng(3)
+    probs = softmax(rng.normal(size=(200, 6)) * 3)
+    probs[0] = np.eye(6)[2]  # a certain row: entropy has 0 * log 0
+    assert np.array_equal(uncertainty_scores(probs, method), library(probs, method=method))

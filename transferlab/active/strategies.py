@@ -6,10 +6,11 @@ Every strategy sees the same inputs: the model's class probabilities on the unla
 ``budget`` pool indices to label, in the order picked, and the score each had when picked
 (higher = more wanted).
 
-The uncertainty scores are scikit-activeml's own (``uncertainty_scores``). k-center greedy and
-BADGE are written here because the library's versions hold an (N, N) utility table
+The uncertainty scores are scikit-activeml's formulas (``uncertainty_scores``), written out so
+that a suggest does not import the library's whole pool package. k-center greedy and BADGE are
+written here because the library's versions hold an (N, N) utility table
 (``k_greedy_center``) or the (N, C*D) gradient embedding (``Badge``: 1 GB for 10,000 images of
-1280 features and 10 classes); ours keep O(N) memory and are cross-checked against the library's
+1280 features and 10 classes); ours keep O(N) memory. All are cross-checked against the library's
 on the same inputs in ``tests/unit/test_active_strategies.py``.
 """
 
@@ -57,11 +58,34 @@ def _top(scores: np.ndarray, budget: int) -> Selection:
     return Selection(order, scores[order])
 
 
+def uncertainty_scores(probs: np.ndarray, method: str) -> np.ndarray:
+    """scikit-activeml 1.0.1's ``uncertainty_scores`` (no cost matrix), formula for formula.
+
+    Written out because importing ``skactiveml.pool`` imports its whole package (seconds per
+    ``label suggest``); ``tests/unit/test_active_strategies.py`` checks equality with it.
+
+    Args:
+        probs: (N, C) class probabilities. method: ``least_confident`` | ``margin_sampling`` |
+            ``entropy``.
+
+    Returns:
+        (N,) scores, higher = more uncertain.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if method == "least_confident":
+        return 1 - np.max(p, axis=1)
+    if method == "margin_sampling":
+        two = -np.partition(-p, 1, axis=1)[:, :2]
+        return 1 - np.abs(two[:, 0] - two[:, 1])
+    if method == "entropy":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.nansum(-p * np.log(p), axis=1)
+    raise ValueError(f"unknown uncertainty method {method!r}")
+
+
 def _uncertainty(method: str) -> Callable[..., Selection]:
     def select(*, probs, budget, **_) -> Selection:
-        from skactiveml.pool import uncertainty_scores
-
-        return _top(uncertainty_scores(np.asarray(probs, dtype=np.float64), method=method), budget)
+        return _top(uncertainty_scores(probs, method), budget)
 
     return select
 

@@ -99,13 +99,34 @@ def get_model_version(client, spec: str):
     return max(versions, key=lambda v: int(v.version))
 
 
+def _classes(mv) -> list[str]:
+    return json.loads(mv.tags.get("model.classes") or "[]")
+
+
+def classes_added(client, mv) -> list[str]:
+    """The classes version ``mv`` predicts that the version registered before it did not.
+
+    Its run's ``data.dvc_hash`` is then the data version that added them (``label import
+    --new-class``, then ``dvc repro``). The first version of a name added nothing.
+    """
+    earlier = [
+        v
+        for v in client.search_model_versions(f"name='{mv.name}'")
+        if int(v.version) < int(mv.version)
+    ]
+    if not earlier:
+        return []
+    before = set(_classes(max(earlier, key=lambda v: int(v.version))))
+    return [c for c in _classes(mv) if c not in before]
+
+
 @scoped_tracking
 def model_lineage(params: Params, workdir: Path, spec: str) -> dict:
     """Data, code and params versions behind a registered model version.
 
     Returns:
-        {"model": {name, version, aliases, run_id, source}, "data": {...}, "code": {...},
-         "pipeline": {...}, "params": {flattened params of the run}}
+        {"model": {name, version, aliases, run_id, source}, "data": {manifest and DVC hash,
+         classes_added}, "code": {...}, "pipeline": {...}, "params": {flattened params}}
     """
     client = _client(params, workdir)
     mv = get_model_version(client, spec)
@@ -120,7 +141,11 @@ def model_lineage(params: Params, workdir: Path, spec: str) -> dict:
             "run_id": mv.run_id,
             "source": mv.source,
         },
-        "data": {k: tags.get(k) for k in ("data.manifest_hash", "data.dvc_hash")},
+        # the data version, and the classes it brought that the previous version lacked
+        "data": {
+            **{k: tags.get(k) for k in ("data.manifest_hash", "data.dvc_hash")},
+            "classes_added": classes_added(client, mv),
+        },
         "code": {k: tags.get(k) for k in ("git.commit", "git.dirty")},
         "pipeline": {
             k: tags.get(k)

@@ -1,5 +1,6 @@
 """`label suggest` and `label import` on a tiny workspace: the CSV, bad files rejected with a
-reason, and an import refused whole on an unknown class, a duplicate or a missing file."""
+reason, an import refused whole on an unknown class, a duplicate or a missing file, and the
+model version registered after a new class names the data version that added it."""
 
 from __future__ import annotations
 
@@ -162,3 +163,70 @@ def test_unchanged_files_are_not_read_again_and_a_changed_one_is_judged_afresh(
     again = suggest(params, workspace, budget=2, source=Path("pool_memo"), out=Path("labels/m.csv"))
     assert reads == ["c1.png"]
     assert again["pool"] == 2 and again["rejected"] == 1
+
+
+def _train_and_register(params, ws: Path) -> tuple[str, str]:
+    """Data and svm stages, then one pipeline run with the svm's model: (version, dvc hash)."""
+    from transferlab.classifiers import load_classifier
+    from transferlab.data import manifest_hash
+    from transferlab.data.version import data_version_tags
+    from transferlab.layout import MANIFEST
+    from transferlab.stages import STAGES
+    from transferlab.tracking import MethodRecord, log_pipeline_run, registered_name
+
+    for name in ("pull", "split", "features", "svm"):
+        STAGES[name].run(params, ws)
+    record = MethodRecord(
+        name="svm",
+        model=load_classifier(ws / "models/svm"),
+        model_dir=ws / "models/svm",
+        registered_name=registered_name(params, "svm"),
+    )
+    data = data_version_tags(ws)
+    ids = log_pipeline_run(
+        params,
+        ws,
+        tags={"data.manifest_hash": manifest_hash(ws / MANIFEST), **data},
+        methods=[record],
+        artifacts=[],
+    )
+    return ids["model_version.svm"], data["data.dvc_hash"]
+
+
+@pytest.mark.slow
+def test_new_class_version_is_tagged_with_the_data_version_that_added_it(workspace):
+    # `label import --new-class`, the data and svm stages again, the pipeline run (what the
+    # report stage logs): the new version predicts the class, carries the DVC hash of the data
+    # that added it, and its lineage names the class as added
+    from transferlab.tracking import get_model_version, model_lineage
+    from transferlab.tracking.store import client
+
+    ws = workspace
+    params = load_params(ws / "params.yaml")
+    v1, data1 = _train_and_register(params, ws)
+
+    new = ws / "new"
+    new.mkdir()
+    returned = []
+    for i in range(6):  # enough for the new class to get train and test images
+        path = new / f"dots_{i}.png"
+        draw_image("circles", seed=8800 + i, size=64).save(path)
+        returned.append({"path": str(path), "label": "dots"})
+    _write(ws / "returned_new.csv", returned)
+    assert (
+        import_labels(params, ws, ws / "returned_new.csv", new_classes=("dots",))["imported"] == 6
+    )
+
+    v2, data2 = _train_and_register(params, ws)
+    assert int(v2) == int(v1) + 1 and data2 != data1
+
+    new_lineage = model_lineage(params, ws, f"tiny-svm/{v2}")
+    assert new_lineage["data"]["data.dvc_hash"] == data2
+    assert new_lineage["data"]["classes_added"] == ["dots"]
+    old_lineage = model_lineage(params, ws, f"tiny-svm/{v1}")
+    assert old_lineage["data"]["data.dvc_hash"] == data1
+    assert old_lineage["data"]["classes_added"] == []
+
+    mv = get_model_version(client(params, ws), f"tiny-svm/{v2}")
+    assert mv.tags["data.dvc_hash"] == data2  # on the version itself, not only on its run
+    assert "dots" in mv.tags["model.classes"]
