@@ -442,9 +442,27 @@ class NewClassParams(Section):
     counts: tuple[Annotated[int, Field(ge=1)], ...] = (1, 2, 5, 10)
     seeds: tuple[int, ...] = (0, 1, 2)
     test_max: int = Field(40, ge=1, description="held-out new-class test images (at most)")
-    learners: tuple[Literal["svm", "top", "full"], ...] = ("svm", "top", "full")
-    extend_epochs: int = Field(10, ge=1, description="head-only epochs after extending full's head")
+    # methods from the registry: those on the frozen backbone retrain on the cached features;
+    # those that fine-tune their backbone (full, adv) follow `fine_tuned`
+    learners: tuple[str, ...] = ("svm", "top", "full", "adv")
+    fine_tuned: Literal["extend", "retrain"] = Field(
+        "extend",
+        description="extend: models/<method>'s head gains a row (the class's mean feature), then "
+        "the head alone trains extend_epochs; retrain: the method's own stage on the grown data",
+    )
+    extend_epochs: int = Field(10, ge=1, description="head-only epochs after extending a head")
     out_dir: Path = Path("docs/new_class")
+
+    @field_validator("learners")
+    @classmethod
+    def _registered(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        unknown = [m for m in v if m not in METHODS]
+        if unknown or not v:
+            raise ValueError(
+                f"learners must list methods of the registry ({', '.join(METHODS)}); "
+                f"unknown: {', '.join(unknown) or 'none given'}"
+            )
+        return tuple(dict.fromkeys(v))
 
     @field_validator("counts")
     @classmethod

@@ -8,17 +8,23 @@ seed) and every learner on the frozen features (svm, top), the learner is retrai
 training images plus the k new ones, and scored on the old test images (old-class accuracy, before
 and after, paired by McNemar on the same images) and on held-out new-class images.
 
-``full`` (fine-tuned backbone, when ``models/full`` exists and ``new_class.full: extend``): its
-head gains a row initialised from the new class's mean feature (scaled to the old rows' norm,
-bias = the old biases' mean), then the head alone is fine-tuned briefly on the old training
-images plus the new ones, through the fine-tuned backbone. Retraining ``full`` from scratch is
-the pipeline's own route: ``label import --new-class`` and ``dvc repro``, which also registers
-new model versions tagged with the data version (``data.dvc_hash``) that added the class.
+The methods that fine-tune their backbone (``full``, ``adv``: ``trains_backbone`` in the method
+registry) follow ``new_class.fine_tuned``. ``extend``: the stored model's head gains a row
+initialised from the new class's mean feature (through its own backbone, scaled to the old
+rows' norm, bias = the old biases' mean), then the head alone is fine-tuned briefly
+(``new_class.extend_epochs``) on the old training images plus the new ones. ``retrain``: the
+method's own stage runs from scratch on a scratch workspace holding the old split plus the k new
+training images (with the methods it starts from, e.g. ``adv`` from ``full``). In the pipeline
+the same choice is ``label import --new-class`` then ``dvc repro`` (a retrain), which also
+registers new model versions tagged with the data version (``data.dvc_hash``) that added the
+class (``transferlab lineage`` lists it under ``classes_added``).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -84,7 +90,26 @@ def _fit(learner, x, y, n_classes, params: Params, seed: int):
     return predict_on
 
 
-def _head_finetune(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float):
+def _split_head(head: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """(body, last linear layer) of a head: a linear head has an empty body; an MLP ends in one."""
+    if isinstance(head, nn.Linear):
+        return nn.Identity(), head
+    if isinstance(head, nn.Sequential) and isinstance(head[-1], nn.Linear):
+        return head[:-1], head[-1]
+    raise ValueError(f"cannot extend a head of type {type(head).__name__}: no final linear layer")
+
+
+def extend_any_head(head: nn.Module, new_features: torch.Tensor) -> nn.Module:
+    """``head`` with one more output, its row from the mean of ``new_features`` (N, D) as they
+    reach the last linear layer (through an MLP head's hidden layers)."""
+    body, last = _split_head(head)
+    with torch.no_grad():
+        mean = body.eval()(new_features).mean(0)
+    wider = extend_head(last, mean)
+    return wider if isinstance(head, nn.Linear) else nn.Sequential(*body, wider)
+
+
+def _head_finetune(head: nn.Module, x: torch.Tensor, y: torch.Tensor, *, epochs: int, lr: float):
     opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
     gen = torch.Generator().manual_seed(0)
     for _ in range(epochs):
@@ -96,46 +121,175 @@ def _head_finetune(head: nn.Linear, x: torch.Tensor, y: torch.Tensor, *, epochs:
     return head.eval()
 
 
-def _full_extend(params: Params, root: Path, new_rows, train_pool, test_idx, counts, seeds):
-    """Extend ``models/full``'s head by the new class and fine-tune the head briefly."""
-    from transferlab.classifiers import load_classifier
+def _images(paths: list[Path], spec, background) -> torch.Tensor:
+    """(N, 3, S, S) images in [0, 1] as every model takes them (the backbone's resize + crop)."""
     from transferlab.features import load_images
+
+    chunks = [
+        load_images(paths[i : i + 32], spec, background=background)
+        for i in range(0, len(paths), 32)
+    ]
+    s = spec.input_size
+    return torch.cat(chunks) if chunks else torch.zeros(0, 3, s, s)
+
+
+def _old_and_new_images(params: Params, root: Path, new_rows: list[dict], spec):
+    """The old split's rows, their images and the new class's images (decoded once)."""
     from transferlab.layout import split_rows
 
-    clf = load_classifier(root / "models" / "full")
-    old = [r for r in split_rows(root) if r["split"] in ("train", "test")]
+    bg = tuple(params.data.background)
+    old = split_rows(root)
+    x_old = _images([root / "data" / r["path"] for r in old], spec, bg)
+    x_new = _images([Path(r["path"]) for r in new_rows], spec, bg)
+    return old, x_old, x_new
+
+
+@torch.no_grad()
+def _embed(clf, x: torch.Tensor) -> torch.Tensor:
+    """What ``clf``'s head sees: its backbone's features of ``x`` at its own input size."""
+    from transferlab.classifiers.training import resize_to
+
+    clf.eval()
+    return torch.cat(
+        [
+            clf.backbone.features(resize_to(x[i : i + 16], clf.input_size))
+            for i in range(0, len(x), 16)
+        ]
+    )
+
+
+def _extend(params: Params, root: Path, name: str, images, train_pool, test_idx) -> list[dict]:
+    """Extend ``models/<name>``'s head by the new class and fine-tune the head briefly."""
+    from transferlab.classifiers import load_classifier
+
+    nc = params.new_class
+    old, x_old, x_new = images
+    clf = load_classifier(root / "models" / name)
     classes = list(clf.classes)
-    bb, bg = clf.backbone, tuple(params.data.background)
-
-    @torch.no_grad()
-    def feats(paths):
-        out = []
-        for i in range(0, len(paths), 16):
-            out.append(bb.features(load_images(paths[i : i + 16], bb.spec, background=bg)))
-        return torch.cat(out) if out else torch.zeros(0, bb.feature_dim)
-
-    f_old = feats([root / "data" / r["path"] for r in old])
-    y_old = torch.tensor([classes.index(r["label"]) for r in old])
-    is_test = torch.tensor([r["split"] == "test" for r in old])
-    f_new = feats([Path(r["path"]) for r in new_rows])
+    keep = [i for i, r in enumerate(old) if r["split"] in ("train", "test")]
+    f_old, f_new = _embed(clf, x_old[keep]), _embed(clf, x_new)
+    y_old = torch.tensor([classes.index(old[i]["label"]) for i in keep])
+    is_test = torch.tensor([old[i]["split"] == "test" for i in keep])
     new_label = len(classes)
     with torch.no_grad():
         before = (clf.head(f_old[is_test]).argmax(1) == y_old[is_test]).numpy()
+    lr = getattr(params, name).lr
     rows = []
-    nc = params.new_class
-    for k in counts:
-        for seed in seeds:
+    for k in nc.counts:
+        for seed in nc.seeds:
             pick = np.random.default_rng(seed).permutation(train_pool)[:k]
-            head = extend_head(clf.head, f_new[pick].mean(0))
+            head = extend_any_head(copy.deepcopy(clf.head), f_new[pick])
             x = torch.cat([f_old[~is_test], f_new[pick]])
             y = torch.cat([y_old[~is_test], torch.full((k,), new_label)])
             t = time.perf_counter()
-            head = _head_finetune(head.train(), x, y, epochs=nc.extend_epochs, lr=params.full.lr)
+            head = _head_finetune(head.train(), x, y, epochs=nc.extend_epochs, lr=lr)
             secs = time.perf_counter() - t
             with torch.no_grad():
                 after = (head(f_old[is_test]).argmax(1) == y_old[is_test]).numpy()
                 new_ok = (head(f_new[test_idx]).argmax(1) == new_label).numpy()
-            rows.append(_row("full", k, seed, before, after, new_ok, secs))
+            rows.append(_row(name, k, seed, before, after, new_ok, secs))
+    return rows
+
+
+def _scratch_workspace(root: Path, old_rows, new_rows, pick, test_idx, name: str) -> Path:
+    """A workspace whose split is the old one plus the ``pick`` new images (train) and the new
+    class's held-out images (test); the old images are linked, not copied."""
+    import tempfile
+
+    from transferlab.layout import MANIFEST, SPLIT
+    from transferlab.stages import write_csv
+
+    (root / ".transferlab").mkdir(exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix="new-class-", dir=root / ".transferlab"))
+    (scratch / "data").mkdir()
+    (scratch / "data" / "images").symlink_to((root / "data" / "images").resolve())
+    shutil.copyfile(root / MANIFEST, scratch / MANIFEST)  # the stages' fingerprints read it
+    added = [(int(i), "train") for i in pick] + [(int(i), "test") for i in test_idx]
+    rows = [dict(r) for r in old_rows] + [
+        {"path": new_rows[i]["path"], "label": name, "sha256": new_rows[i]["sha256"], "split": part}
+        for i, part in added
+    ]
+    write_csv(scratch / SPLIT, rows)
+    return scratch
+
+
+def _with_starts(names: list[str]) -> list[str]:
+    """``names`` plus the methods their stages start from (``Method.after``), in registry
+    order, so each starting model is trained before the method that reads it."""
+    from transferlab.methods import METHODS
+
+    needed, queue = set(names), list(names)
+    while queue:
+        for dep in METHODS[queue.pop()].after:
+            if dep not in needed:
+                needed.add(dep)
+                queue.append(dep)
+    return [m for m in METHODS if m in needed]
+
+
+def _retrain(params: Params, root: Path, names: list[str], images, new_rows, train_pool, test_idx):
+    """Each method's own stage, from scratch, on the old split plus k new training images."""
+    from transferlab.classifiers import load_classifier
+    from transferlab.classifiers.training import predict
+    from transferlab.methods import METHODS
+
+    nc = params.new_class
+    old, x_old, x_new = images
+    is_test = torch.tensor([r["split"] == "test" for r in old])
+    x_test, x_new_test = x_old[is_test], x_new[torch.as_tensor(test_idx, dtype=torch.long)]
+    truth = np.array([r["label"] for r in old if r["split"] == "test"])
+    before = {}
+    for name in names:
+        clf = load_classifier(root / "models" / name)
+        before[name] = np.array(clf.classes)[predict(clf, x_test)] == truth
+    rows = []
+    for k in nc.counts:
+        for seed in nc.seeds:
+            pick = np.random.default_rng(seed).permutation(train_pool)[:k]
+            scratch = _scratch_workspace(root, old, new_rows, pick, test_idx, nc.name)
+            try:
+                seconds = {}
+                for m in _with_starts(names):
+                    t = time.perf_counter()
+                    METHODS[m].stage()(params, scratch)
+                    seconds[m] = time.perf_counter() - t
+                for name in names:
+                    clf = load_classifier(scratch / "models" / name)
+                    labels = np.array(clf.classes)
+                    after = labels[predict(clf, x_test)] == truth
+                    new_ok = labels[predict(clf, x_new_test)] == nc.name
+                    rows.append(_row(name, k, seed, before[name], after, new_ok, seconds[name]))
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+    return rows
+
+
+def _fine_tuned(params: Params, root: Path, new_rows, train_pool, test_idx, notes: dict):
+    """Rows for the learners that fine-tune their backbone (``new_class.fine_tuned``); a
+    learner without a stored model is skipped, with the reason in ``notes``."""
+    from transferlab.methods import METHODS
+
+    nc = params.new_class
+    names = []
+    for name in (m for m in nc.learners if METHODS[m].trains_backbone):
+        if (root / "models" / name / "meta.json").exists():
+            names.append(name)
+        else:
+            notes[name] = f"skipped: no models/{name} here (run `transferlab {name}` first)"
+            log.warning("new class: %s", notes[name])
+    if not names:
+        return []
+    from transferlab.backbones import load_backbone
+
+    spec = load_backbone(params.features.backbone, params.features.pretrained).spec
+    images = _old_and_new_images(params, root, new_rows, spec)
+    if nc.fine_tuned == "retrain":
+        notes.update({n: "retrained from scratch by its own stage" for n in names})
+        return _retrain(params, root, names, images, new_rows, train_pool, test_idx)
+    rows = []
+    for name in names:
+        notes[name] = f"head extended, then {nc.extend_epochs} head-only epochs"
+        rows += _extend(params, root, name, images, train_pool, test_idx)
     return rows
 
 
@@ -162,6 +316,7 @@ def new_class_experiment(params: Params, root: Path) -> dict:
     """Run the measurement (module docstring); write ``<out_dir>/{runs.csv,summary.json,
     summary.md,new_class.png}``."""
     from transferlab.layout import labelled_features
+    from transferlab.methods import METHODS
     from transferlab.stages import _extract_rows, write_csv, write_json
 
     nc = params.new_class
@@ -188,7 +343,7 @@ def new_class_experiment(params: Params, root: Path) -> dict:
     x_te, y_te = data["x_test"].astype(np.float32), data["y_test"]
     f_new = f_new.astype(np.float32)
     rows: list[dict] = []
-    learners = [m for m in nc.learners if m != "full"]
+    learners = [m for m in nc.learners if not METHODS[m].trains_backbone]
     jobs = [(ln, k, s) for ln in learners for k in nc.counts for s in nc.seeds]
     with progress(desc="new class", unit="fit", total=len(jobs) + len(learners)) as bar:
         for ln in learners:
@@ -204,14 +359,8 @@ def new_class_experiment(params: Params, root: Path) -> dict:
                 secs = time.perf_counter() - t
                 rows.append(_row(ln, k, seed, before, p_old == y_te, p_new == n_old, secs))
                 bar.update()
-    full_note = "not run (new_class.learners has no full)"
-    if "full" in nc.learners:
-        if (root / "models" / "full" / "meta.json").exists():
-            rows += _full_extend(params, root, new_rows, train_pool, test_idx, nc.counts, nc.seeds)
-            full_note = f"head extended, then {nc.extend_epochs} head-only epochs"
-        else:
-            full_note = "skipped: no models/full here (run `transferlab full` first)"
-            log.warning("new class: %s", full_note)
+    notes: dict[str, str] = {}
+    rows += _fine_tuned(params, root, new_rows, train_pool, test_idx, notes)
     summary = _summarise(rows)
     out = root / nc.out_dir
     meta = {
@@ -223,7 +372,8 @@ def new_class_experiment(params: Params, root: Path) -> dict:
         "features_extracted": stats.misses,
         "features_cached": stats.hits,
         "extract_seconds": round(extract_seconds, 2),
-        "full": full_note,
+        "fine_tuned": nc.fine_tuned,
+        "fine_tuned_notes": notes,
         "seconds": round(time.perf_counter() - start, 1),
     }
     write_csv(out / "runs.csv", rows)
@@ -278,7 +428,9 @@ def _markdown(summary: list[dict], meta: dict) -> str:
         f"{meta['new_test_images']} held out as the new class's test set. Features extracted for "
         f"{meta['features_extracted']} new images ({meta['features_cached']} from the cache) in "
         f"{meta['extract_seconds']} s; the old images' features were not extracted again. "
-        f"full: {meta['full']}. Ran in {meta['seconds']} s.",
+        f"Methods that fine-tune their backbone (new_class.fine_tuned: {meta['fine_tuned']}): "
+        + ("; ".join(f"{k}: {v}" for k, v in meta["fine_tuned_notes"].items()) or "none listed")
+        + f". Ran in {meta['seconds']} s.",
         "",
         "Old-class accuracy is on the old test images (the same images before and after; "
         "Wilson 95% intervals; McNemar mid-p of seed 0, paired). The drop is within the interval "

@@ -176,13 +176,17 @@ def _labelled_shas(root: Path) -> set[str]:
 
 
 def _train_features(root: Path) -> np.ndarray:
-    """Features of the images the model was trained on (k-center measures distance to them)."""
-    from transferlab.layout import FEATURES, SPLIT, labelled_features
+    """Features of the images the model was trained on (k-center measures distance to them):
+    the train and val rows of the split that ``features/features.npz`` holds (after a ``label
+    import`` and a pull, the split may already list images the features stage has not seen)."""
+    from transferlab.layout import FEATURES, SPLIT, read_npz, split_rows
 
     if not (root / FEATURES).exists() or not (root / SPLIT).exists():
         return np.zeros((0, 0), dtype=np.float32)
-    data, _ = labelled_features(root)
-    return np.concatenate([data["x_train"], data["x_val"]]).astype(np.float32)
+    feats, paths = read_npz(root / FEATURES, "features", "path")
+    seen = {r["path"] for r in split_rows(root) if r["split"] in ("train", "val")}
+    keep = [i for i, p in enumerate(paths.tolist()) if p in seen]
+    return feats[keep].astype(np.float32)
 
 
 def load_scorer(root: Path, model: str):

@@ -128,3 +128,56 @@ def test_extend_head_keeps_old_rows_and_points_the_new_one_at_the_mean():
     assert new.weight[2].norm().item() == pytest.approx(
         head.weight.norm(dim=1).mean().item(), rel=1e-5
     )
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["extend", "retrain"])
+def test_new_class_fine_tuned_methods_extend_or_retrain(pipeline_workspace, tmp_path, mode):
+    # full and adv (trains_backbone in the method registry) either extend their stored head or
+    # run their own stage again on the grown data, as new_class.fine_tuned chooses
+    import json
+    import shutil
+    from pathlib import Path
+
+    from tests.conftest import draw_image
+    from transferlab.active.new_class import new_class_experiment
+    from transferlab.config import load_params
+
+    ws = tmp_path / "ws"
+    for part in ("data", "features", "models"):  # a copy: the shared workspace stays as it is
+        shutil.copytree(pipeline_workspace / part, ws / part, symlinks=True)
+    shutil.copy(pipeline_workspace / "params.yaml", ws / "params.yaml")
+    new = tmp_path / "dots"
+    new.mkdir()
+    for i in range(4):
+        draw_image("circles", seed=9300 + i, size=64).save(new / f"d{i}.png")
+    params = load_params(ws / "params.yaml")
+    # retrain lists adv alone: its stage starts from models/full, so full retrains first
+    learners = ("svm", "adv") if mode == "retrain" else ("svm", "full", "adv")
+    nc = params.new_class.model_copy(
+        update={
+            "name": "dots",
+            "path": new,
+            "counts": (2,),
+            "seeds": (0,),
+            "test_max": 2,
+            "learners": learners,
+            "fine_tuned": mode,
+            "extend_epochs": 2,
+            "out_dir": Path("nc"),
+        }
+    )
+    new_class_experiment(params.model_copy(update={"new_class": nc}), ws)
+
+    with open(ws / "nc/runs.csv", newline="") as f:
+        runs = list(csv.DictReader(f))
+    n_test = sum(
+        1 for line in (ws / "data/split.csv").read_text().splitlines() if line.endswith(",test")
+    )
+    assert {r["learner"] for r in runs} == set(learners)
+    assert all(int(r["old_n"]) == n_test and int(r["new_n"]) == 2 for r in runs)
+    notes = json.loads((ws / "nc/summary.json").read_text())["fine_tuned_notes"]
+    expected = "retrained from scratch" if mode == "retrain" else "head extended"
+    assert set(notes) == set(learners) - {"svm"}
+    assert all(v.startswith(expected) for v in notes.values())
+    assert not list((ws / ".transferlab").glob("new-class-*"))  # scratch workspaces removed
