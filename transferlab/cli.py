@@ -820,36 +820,43 @@ def _compact(value: object) -> str:
     return _cell(value)
 
 
-def results_table(rows: list[dict], *, report_eps: float) -> Table:
-    """The results as a table that fits 80 columns: short distinct headers (robust accuracy as
-    ``<attack>@<eps>``), compact numbers; a long cell wraps inside its row."""
+def results_tables(rows: list[dict], *, report_eps: float) -> list[Table]:
+    """The results as two tables that each fit 80 columns (a log file's width): accuracy, time
+    and size per method, then robust accuracy per attack (``<attack>@<eps>``), a column each.
+    One table wrapped its rows or cut its headers once a third attack joined the run."""
     from rich import box
 
     from transferlab.eps import Eps
 
     eps = Eps(report_eps).label
-    table = Table(
-        title=f"transferlab results (test accuracy; robust accuracy at eps {eps})",
-        box=box.SIMPLE_HEAD,
-        padding=(0, 1),
-        pad_edge=False,
-    )
     # 80 columns leave no room for intervals: results.json and the HTML report carry them
     every = list(dict.fromkeys(k for row in rows for k in row))
     keys = [k for k in every if not k.endswith(("_ci_low", "_ci_high"))]
+    robust = [k for k in keys if k.startswith("robust_acc_")]
+    parts = [
+        ("transferlab results (test accuracy)", [k for k in keys if k not in robust]),
+        (f"robust accuracy at eps {eps}", ["method", *robust]),
+    ]
+    tables = []
+    for title, part in parts:
+        if len(part) < 2:
+            continue
+        table = Table(title=title, box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+        for key in part:
+            numeric = all(isinstance(r.get(key), int | float | type(None)) for r in rows)
+            header = _header(key, eps)
+            table.add_column(header, justify="right" if numeric else "left", min_width=len(header))
+        for row in rows:
+            table.add_row(*(_compact(row.get(k)) for k in part))
+        tables.append(table)
     if len(keys) < len(every):
-        table.caption = "95% intervals and paired tests: reports/index.html, What to ship"
-    for key in keys:
-        numeric = all(isinstance(r.get(key), int | float | type(None)) for r in rows)
-        header = _header(key, eps)
-        table.add_column(header, justify="right" if numeric else "left", min_width=len(header))
-    for row in rows:
-        table.add_row(*(_compact(row.get(k)) for k in keys))
-    return table
+        tables[-1].caption = "95% intervals, paired tests: reports/index.html"
+    return tables
 
 
 def print_results(report: dict, *, report_eps: float) -> None:
-    out.print(results_table(report["table"], report_eps=report_eps))
+    for table in results_tables(report["table"], report_eps=report_eps):
+        out.print(table)
     ml = report["mlflow"]
     out.print(f"MLflow run {ml['parent']} in {escape(redact(ml['tracking_uri']))}")
     if report.get("html"):

@@ -65,7 +65,7 @@ def test_sanity_warnings_are_sentences():
 
 
 def test_results_table_fits_80_columns_with_distinct_headers():
-    from transferlab.cli import results_table
+    from transferlab.cli import results_tables
 
     row = {
         "method": "full",
@@ -76,19 +76,25 @@ def test_results_table_fits_80_columns_with_distinct_headers():
         "regime": "6/class: few (< 25)",
         "robust_acc_fgsm": 0.167,
         "robust_acc_pgd": 0.1,
+        "robust_acc_autoattack": 0.0,
+        "robust_acc_hopskipjump": 0.0,
         "robust_acc_pgd_ci_low": 0.05,
         "robust_acc_pgd_ci_high": 0.2,
         "test_acc_ci_low": 0.2,
         "test_acc_ci_high": 0.47,
     }
-    table = results_table([row, {**row, "method": "svm"}], report_eps=4 / 255)
+    tables = results_tables([row, {**row, "method": "svm"}], report_eps=4 / 255)
     buf = io.StringIO()
-    Console(file=buf, width=80).print(table)
+    for table in tables:
+        Console(file=buf, width=80).print(table)
     lines = buf.getvalue().splitlines()
     assert max(len(line) for line in lines) <= 80
-    headers = [c.header for c in table.columns]
-    assert len(set(headers)) == len(headers)
-    assert {"fgsm@4/255", "pgd@4/255"} <= set(headers)
+    for table in tables:  # distinct within each table; every row one line (no wrapping)
+        headers = [c.header for c in table.columns]
+        assert len(set(headers)) == len(headers) and headers[0] == "method"
+    assert sum(1 for line in lines if line.lstrip().startswith(("full", "svm"))) == 2 * len(tables)
+    headers = [c.header for t in tables for c in t.columns]
+    assert {"fgsm@4/255", "pgd@4/255", "autoattack@4/255", "hopskipjump@4/255"} <= set(headers)
     text = buf.getvalue()
     assert "fgsm@4/255" in text and "pgd@4/255" in text and "…" not in text
     # no room for intervals in 80 columns: the caption says where they are

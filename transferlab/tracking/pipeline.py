@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,11 +249,16 @@ def _log_model(mlflow, rec: MethodRecord):
         with torch.inference_mode():
             out = rec.model(torch.from_numpy(rec.input_example)).numpy()
         signature = infer_signature(rec.input_example, out)
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=model_format.__file__,
-        artifacts={model_format.ARTIFACT: str(rec.model_dir)},
-        pip_requirements=MODEL_REQUIREMENTS,
-        code_paths=[str(PACKAGE_DIR)],
-        signature=signature,
-    )
+    with warnings.catch_warnings():
+        # advice that does not apply (the signature is explicit; the model takes one tensor),
+        # printed with colour codes into every log file
+        for advice in ("Add type hints to the `predict` method", "An input example was not"):
+            warnings.filterwarnings("ignore", message=re.escape(advice), category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=model_format.__file__,
+            artifacts={model_format.ARTIFACT: str(rec.model_dir)},
+            pip_requirements=MODEL_REQUIREMENTS,
+            code_paths=[str(PACKAGE_DIR)],
+            signature=signature,
+        )
