@@ -416,8 +416,9 @@ def new_class(
     new class's accuracy against its number of training images.
 
     Reads: features/features.npz and data/split.csv (the old classes), new_class.path (images
-    of the new class; checked like pull's, features through the cache), models/full when
-    new_class.learners lists full; params: new_class, data, features, svm, top, full.
+    of the new class; checked like pull's, features through the cache), models/<method> of
+    the listed methods that fine-tune their backbone (full, adv: new_class.fine_tuned extends
+    their head or retrains them); params: new_class, data, features and the methods' sections.
 
     Writes: new_class.out_dir/runs.csv, summary.json, summary.md and new_class.png.
     """
