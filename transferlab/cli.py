@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -333,13 +334,35 @@ experiment_app = typer.Typer(
 app.add_typer(experiment_app, name="experiment")
 
 
-@experiment_app.command(
-    "learning-curve",
-    epilog=_examples(
-        "transferlab experiment learning-curve",
-        "transferlab experiment learning-curve --params params.yaml --quiet",
-    ),
-)
+def _experiment(name: str):
+    """Registers an ``experiment NAME`` command (the function's docstring is its help)."""
+    return experiment_app.command(
+        name,
+        epilog=_examples(
+            f"transferlab experiment {name}",
+            f"transferlab experiment {name} --params params.yaml --quiet",
+        ),
+    )
+
+
+def _run_experiment(
+    experiment, loaded, quiet: bool, *, lock: bool = True, text: str = "", hide: tuple = ()
+) -> None:
+    """Run ``experiment(params, workspace)`` with the logs above its bars, under the workspace
+    lock when ``lock`` (it writes its out_dir and MLflow); print its result (less ``hide``)
+    and the file its ``text`` key names."""
+    from transferlab.progress import logs_above_bars
+    from transferlab.workspace import workspace_lock
+
+    with workspace_lock(Path.cwd()) if lock else nullcontext(), logs_above_bars():
+        result = experiment(loaded, Path.cwd())
+    if not quiet:
+        out.print_json(data={k: v for k, v in result.items() if k not in hide})
+        if text:
+            out.print(Path(result[text]).read_text())
+
+
+@_experiment("learning-curve")
 def learning_curve(
     params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
 ) -> None:
@@ -358,23 +381,11 @@ def learning_curve(
     """
     loaded = _setup(params, verbose, quiet)
     from transferlab.experiments.learning_curve import learning_curve_experiment
-    from transferlab.progress import logs_above_bars
-    from transferlab.workspace import workspace_lock
 
-    with workspace_lock(Path.cwd()), logs_above_bars():  # it writes out_dir and MLflow
-        result = learning_curve_experiment(loaded, Path.cwd())
-    if not quiet:
-        out.print_json(data={k: v for k, v in result.items() if k != "summary"})
-        out.print(Path(result["table"]).read_text())
+    _run_experiment(learning_curve_experiment, loaded, quiet, text="table", hide=("summary",))
 
 
-@experiment_app.command(
-    "active-learning",
-    epilog=_examples(
-        "transferlab experiment active-learning",
-        "transferlab experiment active-learning --params params.yaml --quiet",
-    ),
-)
+@_experiment("active-learning")
 def active_learning(
     params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
 ) -> None:
@@ -392,23 +403,11 @@ def active_learning(
     """
     loaded = _setup(params, verbose, quiet)
     from transferlab.active.experiment import active_learning_experiment
-    from transferlab.progress import logs_above_bars
-    from transferlab.workspace import workspace_lock
 
-    with workspace_lock(Path.cwd()), logs_above_bars():  # it writes out_dir and MLflow
-        result = active_learning_experiment(loaded, Path.cwd())
-    if not quiet:
-        out.print_json(data=result)
-        out.print(Path(result["summary"]).read_text())
+    _run_experiment(active_learning_experiment, loaded, quiet, text="summary")
 
 
-@experiment_app.command(
-    "new-class",
-    epilog=_examples(
-        "transferlab experiment new-class",
-        "transferlab experiment new-class --params params.yaml --quiet",
-    ),
-)
+@_experiment("new-class")
 def new_class(
     params: ParamsOpt = DEFAULT_PARAMS, verbose: VerboseOpt = False, quiet: QuietOpt = False
 ) -> None:
@@ -424,12 +423,8 @@ def new_class(
     """
     loaded = _setup(params, verbose, quiet)
     from transferlab.active.new_class import new_class_experiment
-    from transferlab.progress import logs_above_bars
 
-    with logs_above_bars():
-        result = new_class_experiment(loaded, Path.cwd())
-    if not quiet:
-        out.print_json(data=result)
+    _run_experiment(new_class_experiment, loaded, quiet, lock=False)
 
 
 label_app = typer.Typer(
