@@ -89,28 +89,20 @@ def fit_svm(
 def svm_to_linear(pipe: Pipeline) -> nn.Linear:
     """The fitted scaler + LinearSVC as one ``nn.Linear`` on raw features.
 
-    w' = w / sigma and b' = b - w' . mu, so ``linear(x)`` equals ``decision_function(x)``. A binary
-    SVM has one decision value f; we emit logits (-f/2, f/2) so argmax matches sklearn.
+    w' = w / sigma and b' = b - w' . mu, so ``linear(x)`` equals ``decision_function(x)`` (for
+    more than two classes; see :func:`_decision_linear` for two).
     """
     scaler: StandardScaler = pipe.named_steps["scale"]
     svc: LinearSVC = pipe.named_steps["svc"]
     w = svc.coef_ / scaler.scale_
-    b = svc.intercept_ - w @ scaler.mean_
-    if w.shape[0] == 1:
-        w = np.vstack([-w / 2, w / 2])
-        b = np.array([-b[0] / 2, b[0] / 2])
-    linear = nn.Linear(w.shape[1], w.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(w).float())
-        linear.bias.copy_(torch.from_numpy(b).float())
-    return linear
+    return _decision_linear(w, svc.intercept_ - w @ scaler.mean_)
 
 
-def _linear(svc: LinearSVC) -> nn.Linear:
-    """A fitted LinearSVC as an ``nn.Linear`` whose logits' argmax matches its predictions.
+def _decision_linear(w: np.ndarray, b: np.ndarray) -> nn.Linear:
+    """A linear SVM's decision function, (K, D) weights ``w`` and (K,) biases ``b``, as an
+    ``nn.Linear`` whose logits' argmax matches its predictions.
 
-    A binary SVM has one decision value f; we emit logits (-f/2, f/2)."""
-    w, b = svc.coef_, svc.intercept_
+    A binary SVM has one decision value f (K = 1); we emit logits (-f/2, f/2)."""
     if w.shape[0] == 1:
         w = np.vstack([-w / 2, w / 2])
         b = np.array([-b[0] / 2, b[0] / 2])
@@ -210,7 +202,9 @@ def run(params, root: Path) -> dict:
         }
     )
     backbone = load_backbone(params.features.backbone, params.features.pretrained)
-    clf = Classifier(backbone, wrap(prep, _linear(model)), classes, method.name)
+    clf = Classifier(
+        backbone, wrap(prep, _decision_linear(model.coef_, model.intercept_)), classes, method.name
+    )
     save_classifier(clf, root / method.model_dir, pretrained=params.features.pretrained)
     write_json(root / method.metrics_file, metrics)
     return {k: v for k, v in metrics.items() if isinstance(v, int | float | None)}
