@@ -118,5 +118,6 @@ def choose_prep(
             for c in PROBE_C
         )
     chosen = max(PREPS, key=lambda k: (scores[k], -PREPS.index(k)))
-    log.info("features.preprocess auto: %s (probe val accuracy %s)", chosen, scores)
+    shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items())
+    log.info("features.preprocess auto: %s (probe val accuracy: %s)", chosen, shown)
     return chosen, scores
