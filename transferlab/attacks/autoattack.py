@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from transferlab.attacks.apgd import APGD, APGDT
 from transferlab.attacks.base import Attack, CallCounter, Candidates
 from transferlab.attacks.blackbox import Square
-from transferlab.attacks.fab import FABT
+from transferlab.attacks.fab import FABT, SelfTargeted
 
 
 class _Rows(nn.Module):
@@ -34,13 +34,12 @@ class _Rows(nn.Module):
         return self.counter(x, index=self.rows[index])
 
 
-class AutoAttack(Attack):
+class AutoAttack(SelfTargeted):
     """The standard AutoAttack ensemble, L-inf, untargeted.
 
     Args:
-        eps: L-inf budget in pixel space.
-        steps: iterations of APGD-CE, of APGD-T per target and of FAB-T per target.
-        n_target_classes: targets of APGD-T and FAB-T.
+        eps, steps, n_target_classes: as ``SelfTargeted``'s; ``steps`` are APGD-CE's, and
+            APGD-T's and FAB-T's per target, ``n_target_classes`` those two's targets.
         square_queries: Square's query budget per image (0 leaves Square out).
         seed: seeds APGD's random starts and Square's sampling.
     """
@@ -57,12 +56,10 @@ class AutoAttack(Attack):
         square_queries: int = 5000,
         seed: int | None = 0,
     ):
-        if targeted:
-            raise ValueError("AutoAttack's standard version is untargeted")
-        super().__init__(eps=eps)
+        # every hyperparameter spelled out: make_attack checks params.yaml's keys against it
+        super().__init__(eps=eps, targeted=targeted, steps=steps, n_target_classes=n_target_classes)
         if square_queries < 0:
             raise ValueError(f"square_queries must be >= 0, got {square_queries}")
-        self.steps, self.n_target_classes = int(steps), int(n_target_classes)
         self.square_queries, self.seed = int(square_queries), seed
 
     def components(self) -> list[Attack]:

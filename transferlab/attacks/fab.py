@@ -65,13 +65,36 @@ def project_linf_hyperplane(t: Tensor, w: Tensor, b: Tensor) -> Tensor:
     return d * (w != 0).float()
 
 
-class FABT(Attack):
+class SelfTargeted(Attack):
+    """An attack that aims at the classes ranked 2nd, 3rd.. on the clean image in turn and
+    judges success untargeted (AutoAttack's targeted members, and the ensemble of them): it
+    picks its own targets, so ``targeted`` is refused.
+
+    Args:
+        eps: L-inf budget in pixel space.
+        steps: iterations per target (AutoAttack: 100).
+        n_target_classes: how many of the top classes to aim at (capped at K - 1).
+    """
+
+    def __init__(
+        self, *, eps: float, targeted: bool = False, steps: int = 100, n_target_classes: int = 9
+    ):
+        if targeted:
+            raise ValueError(f"{self.name} picks its own targets and judges success untargeted")
+        super().__init__(eps=eps)
+        if steps < 1 or n_target_classes < 1:
+            raise ValueError(
+                f"steps and n_target_classes must be >= 1, got {steps}, {n_target_classes}"
+            )
+        self.steps, self.n_target_classes = int(steps), int(n_target_classes)
+
+
+class FABT(SelfTargeted):
     """Targeted FAB, L-inf, with untargeted success (AutoAttack's FAB-T).
 
     Args:
-        eps: L-inf budget in pixel space; success needs a fooling iterate within it.
-        steps: iterations per target (AutoAttack: 100).
-        n_target_classes: how many of the top classes to aim at (capped at K - 1).
+        eps, steps, n_target_classes: as ``SelfTargeted``'s; success needs a fooling iterate
+            within ``eps``.
         alpha_max, eta, beta: the reference's step mixing bound, overshoot and backward step.
         early_stop: an image leaves the loop once an iterate within ``eps`` fools the model
             (FAB would go on shrinking the perturbation, which robust accuracy does not need).
@@ -91,14 +114,8 @@ class FABT(Attack):
         beta: float = 0.9,
         early_stop: bool = True,
     ):
-        if targeted:
-            raise ValueError("FAB-T picks its own targets and judges success untargeted")
-        super().__init__(eps=eps)
-        if steps < 1 or n_target_classes < 1:
-            raise ValueError(
-                f"steps and n_target_classes must be >= 1, got {steps}, {n_target_classes}"
-            )
-        self.steps, self.n_target_classes = int(steps), int(n_target_classes)
+        # every hyperparameter spelled out: make_attack checks params.yaml's keys against it
+        super().__init__(eps=eps, targeted=targeted, steps=steps, n_target_classes=n_target_classes)
         self.alpha_max, self.eta, self.beta = float(alpha_max), float(eta), float(beta)
         self.early_stop = bool(early_stop)
 

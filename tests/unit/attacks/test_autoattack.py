@@ -119,6 +119,9 @@ def test_targets_and_options_are_checked() -> None:
         APGD(eps=0.1, loss="hinge")
     with pytest.raises(ValueError, match="own targets"):
         FABT(eps=0.1, targeted=True)
+    for attack in (AutoAttack, FABT):  # at construction, not once the ensemble runs
+        with pytest.raises(ValueError, match="steps and n_target_classes must be >= 1"):
+            attack(eps=0.1, steps=0)
 
 
 @pytest.mark.parametrize("eps", [0.5 / 255, 1 / 255, 2 / 255], ids=["0.5/255", "1/255", "2/255"])
