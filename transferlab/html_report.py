@@ -246,6 +246,25 @@ def _plots_section(root: Path, patterns: tuple[str, ...], what: str, how: str) -
     )
 
 
+def _examples_section(root: Path) -> str:
+    grids = _plots_section(
+        root,
+        ("adversarial*.png", "adv_examples*.png", "examples*.png"),
+        "adversarial example grids",
+        "transferlab attack",
+    )
+    attack = _read_json(root / "metrics/attack.json")
+    rows = attack.get("grid", []) if isinstance(attack, dict) else []
+    if not rows:
+        return grids
+    listed = ", ".join(f"{r['model']} / {r['attack']}" for r in rows)
+    return (
+        f"<p>One test image per row, attacked at the report eps: clean, the perturbation, the "
+        f"adversarial image. Rows (model / attack): <span class='grid-rows'>{_esc(listed)}"
+        f"</span>.</p>{grids}"
+    )
+
+
 def _learning_curve_section(root: Path) -> str:
     found = sorted((root / "plots").glob("learning_curve*.png")) + sorted(
         (root / "docs/learning_curve").glob("*.png")
@@ -372,12 +391,7 @@ def write_html_report(root: Path, out: Path, *, title: str, thumbs_per_class: in
         "robustness": _plots_section(
             root, ("robustness*.png",), "robustness curves", "transferlab attack"
         ),
-        "examples": _plots_section(
-            root,
-            ("adversarial*.png", "adv_examples*.png", "examples*.png"),
-            "adversarial example grids",
-            "transferlab attack",
-        ),
+        "examples": _examples_section(root),
         "transfer": _plots_section(
             root, ("transfer*.png",), "transfer matrix", "transferlab attack"
         ),

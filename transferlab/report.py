@@ -121,6 +121,23 @@ def plot_transfer_matrix(rows: list[dict], out: Path) -> Path:
     return save_figure(fig, out)
 
 
+def grid_pairs(models: list[str], attacks: list[str], rows: int) -> list[tuple[str, str]]:
+    """The (model, attack) rows of the adversarial-example grid: at most ``rows``, chosen so that
+    every model and every attack shows up whenever ``rows >= max(len(models), len(attacks))``
+    (the model-major prefix of 4 models x 3 attacks in 8 rows would leave out the last model),
+    then listed model-major so each model's rows sit together."""
+    left = [(m, a) for m in models for a in attacks]
+    chosen: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    while left and len(chosen) < rows:
+        # the first pair (model-major) that shows the most models/attacks not yet shown
+        pair = max(left, key=lambda p: (f"m:{p[0]}" not in seen) + (f"a:{p[1]}" not in seen))
+        left.remove(pair)
+        chosen.append(pair)
+        seen |= {f"m:{pair[0]}", f"a:{pair[1]}"}
+    return sorted(chosen, key=lambda p: (models.index(p[0]), attacks.index(p[1])))
+
+
 def plot_adversarial_grid(examples: list[dict], out: Path, *, amplify: float = 10.0) -> Path:
     """Rows of clean | perturbation (amplified, centred on grey) | adversarial.
 

@@ -189,7 +189,7 @@ def attack(params: Params, root: Path) -> dict:
     """
     from transferlab.evaluate import attack_evidence, sanity_flags, scalar_fields
     from transferlab.gate import images_digest
-    from transferlab.report import plot_adversarial_grid, plot_transfer_matrix
+    from transferlab.report import grid_pairs, plot_adversarial_grid, plot_transfer_matrix
     from transferlab.robustness import AttackSession
 
     ap = params.attack
@@ -238,8 +238,8 @@ def attack(params: Params, root: Path) -> dict:
     write_json(root / TRANSFER_METRICS, {"matrix": t_rows})
     plot_transfer_matrix(t_rows, root / TRANSFER_PNG)
     # one example per model and attack (the same test image, so rows compare), up to
-    # attack.grid_images rows
-    pairs = [(m, a) for m in ap.models for a in ap.attacks][: ap.grid_images]
+    # attack.grid_images rows, every model and attack among them
+    pairs = grid_pairs(list(ap.models), list(ap.attacks), ap.grid_images)
     examples = [ex for m, a in pairs for ex in session.grid(m, a, ap.report_eps, n=1)]
     plot_adversarial_grid(examples, root / ADVERSARIAL_PNG)
     write_json(
@@ -254,6 +254,8 @@ def attack(params: Params, root: Path) -> dict:
             ),
             "sanity": flags,
             "precision": checks,
+            # the grid's rows (at report_eps), so the HTML report can say what it shows
+            "grid": [{"model": m, "attack": a} for m, a in pairs],
         },
     )
     return {

@@ -120,3 +120,16 @@ def test_adversarial_grid_has_a_row_per_model_and_attack(figures, tmp_path):
     titles = [ax.get_title() for ax in fig.axes]
     for m, a in itertools.product(("svm", "top", "full"), ("fgsm", "pgd")):
         assert any(t.startswith(f"{m} / {a} ") for t in titles), (m, a)
+
+
+@pytest.mark.parametrize(
+    ("models", "attacks", "rows"),
+    [(["svm", "top", "full", "adv"], ["fgsm", "pgd", "autoattack"], 8), (["svm"], ["a", "b"], 2)],
+)
+def test_grid_rows_show_every_model_and_attack(models, attacks, rows):
+    pairs = report.grid_pairs(models, attacks, rows)
+    assert len(pairs) == min(rows, len(models) * len(attacks)) and len(set(pairs)) == len(pairs)
+    assert {m for m, _ in pairs} == set(models) and {a for _, a in pairs} == set(attacks)
+    # model-major: each model's rows together, in the params' order
+    assert pairs == sorted(pairs, key=lambda p: (models.index(p[0]), attacks.index(p[1])))
+    assert report.grid_pairs(models, attacks, 100) == [(m, a) for m in models for a in attacks]

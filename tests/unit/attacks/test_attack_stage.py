@@ -90,6 +90,8 @@ def test_attack_stage_outputs(attacked) -> None:
     assert summary["sanity_failures"] == 0 and summary["rows"] == 4
     metrics = json.loads((ws / "metrics/attack.json").read_text())
     assert not [f for f in metrics["sanity"] if f["level"] == "fail"]
+    # the grid's rows, for the HTML report's caption: every model and attack
+    assert metrics["grid"] == [{"model": "svm", "attack": a} for a in ("fgsm", "square")]
     curve = metrics["summary"]["svm"]["fgsm"]
     assert curve["eps_0/255"] == pytest.approx(metrics["summary"]["svm"]["clean_acc"])
     matrix = json.loads((ws / "metrics/transfer.json").read_text())["matrix"]
