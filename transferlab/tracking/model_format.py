@@ -18,6 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlflow
+import numpy as np
 from mlflow.pyfunc import PythonModel
 
 ARTIFACT = "classifier"
@@ -31,8 +32,9 @@ class ClassifierModel(PythonModel):
 
         self.model = load_classifier(Path(context.artifacts[ARTIFACT]))
 
-    def predict(self, context, model_input, params=None):
-        import numpy as np
+    # the hint is one MLflow takes as "no schema to infer" (the signature is logged with the
+    # model); without one it warns on every log, in terminal colours even in a log file
+    def predict(self, context, model_input: np.ndarray, params=None):
         import torch
 
         with torch.inference_mode():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,6 +232,9 @@ def parent_run_name(
     return prefix + " · ".join(parts)
 
 
+MLFLOW_ADVICE = r".*An input example was not provided"
+
+
 def _log_model(mlflow, rec: MethodRecord):
     """Log ``rec.model_dir`` (state dicts + meta.json) as a pyfunc model from code: no pickle
     anywhere, so loading a version never unpickles (see tracking/model_format.py)."""
@@ -250,10 +252,9 @@ def _log_model(mlflow, rec: MethodRecord):
             out = rec.model(torch.from_numpy(rec.input_example)).numpy()
         signature = infer_signature(rec.input_example, out)
     with warnings.catch_warnings():
-        # advice that does not apply (the signature is explicit; the model takes one tensor),
-        # printed with colour codes into every log file
-        for advice in ("Add type hints to the `predict` method", "An input example was not"):
-            warnings.filterwarnings("ignore", message=re.escape(advice), category=UserWarning)
+        # MLflow's advice to log an input example does not apply (the signature is given
+        # above), and it comes in terminal colour codes even in a log file (`make run > log`)
+        warnings.filterwarnings("ignore", MLFLOW_ADVICE, UserWarning)
         return mlflow.pyfunc.log_model(
             name="model",
             python_model=model_format.__file__,
