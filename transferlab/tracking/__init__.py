@@ -6,6 +6,8 @@ Stages hand over plain records at their boundary; these modules turn them into r
 - ``runs``: run lifecycle (a run per logging call that always ends; orphans closed; series).
 - ``pipeline``: the pipeline run, a nested run and model per method, with the lineage tags.
 - ``learning_curve`` and ``attack_eval``: the runs of the two side experiments.
+- ``experiment_run``: the shape a side experiment's run takes (parent run, nested run per arm),
+  which ``learning_curve`` and ``active_learning`` fill.
 - ``registry``: registering, naming, loading a model version, and its lineage.
 - ``gate``: judging a version and moving the champion alias.
 - ``queries``: reading runs back (``transferlab runs``) and serving them (``transferlab ui``).
