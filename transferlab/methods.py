@@ -191,6 +191,19 @@ class TopParams(TrainParams):
     trains on the cached features (same result, far faster); with it, through the backbone."""
 
 
+class DistributedParams(Section):
+    """Data-parallel training (``classifiers/distributed.py``, docs/distributed.md). The weights
+    do not depend on it: the same global batch and seed give the same model in 1 or N processes
+    (within float rounding)."""
+
+    processes: int = Field(
+        1, ge=1, le=1024, description="ranks on this machine under torchrun (1: in-process)"
+    )
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="auto: nccl on CUDA GPUs, gloo on CPUs"
+    )
+
+
 class FullParams(TrainParams):
     """Full fine-tuning of backbone + head (``classifiers/full.py``)."""
 
@@ -210,6 +223,9 @@ class FullParams(TrainParams):
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 on GPU and AMX CPUs
     image_size: int | None = Field(128, ge=16, description="input px (null: the backbone's)")
     resume: bool = True
+    # how many processes train, not what they learn: left out of checkpoints' identity, so a
+    # run killed at one world size resumes at another
+    distributed: DistributedParams = DistributedParams()
 
 
 class AdvParams(FullParams):

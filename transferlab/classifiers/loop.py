@@ -8,7 +8,12 @@ hook that runs at the start of each epoch (train modes, gradual unfreezing).
 
 Same seed, same data, same settings: the same weights, whether the run was killed and resumed
 in between or not (the checkpoint holds the weights, the optimiser and schedule, and every
-random state the loop draws from).
+random state the loop draws from), and whether it ran in one process or data-parallel in
+several (``classifiers/distributed.py``): all randomness comes from one generator that every rank
+holds alike. It draws each epoch's batch order, a seed per image for the augmentation (the loop
+augments, image by image, so an image gets the same crop on whichever rank trains it), and a
+seed per batch for the step's own draws (dropout, an attack's random start; those are drawn per
+rank's shard, so they alone differ between world sizes).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from transferlab import tensor_files
+from transferlab.classifiers import distributed
 from transferlab.classifiers.training import atomic_torch_save
 from transferlab.progress import Throttle, progress, show_fit
 
@@ -41,6 +47,8 @@ T = TypeVar("T")
 
 # (x, y) batch on the CPU -> (loss to minimise, logits for the running accuracy)
 StepFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
+# seeds drawn for a step's randomness: below 2**62, so a rank's offset never overflows
+SEED_RANGE = 2**62
 
 
 @dataclass
@@ -120,6 +128,17 @@ def remove_stale_saves(checkpoint: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def augment_images(x: Tensor, transform: Callable[[Tensor], Tensor], seeds: Tensor) -> Tensor:
+    """Each image of (B, C, H, W) ``x`` through ``transform`` (which draws from torch's global
+    CPU generator, as torchvision's do) with its own seed from (B,) ``seeds``; clamped to [0, 1].
+    Per image: a batch call would give every image the same crop."""
+    out = []
+    for img, s in zip(x, seeds.tolist(), strict=True):
+        torch.default_generator.manual_seed(s)
+        out.append(transform(img))
+    return torch.stack(out).clamp_(0.0, 1.0) if out else x
+
+
 def fit(
     *,
     name: str,
@@ -142,6 +161,7 @@ def fit(
     config: dict | None = None,
     device: torch.device | None = None,
     batch_bar: bool = True,
+    augment: Callable[[Tensor], Tensor] | None = None,
 ) -> LoopResult:
     """Train ``modules`` with ``step`` until the budget or early stopping ends it.
 
@@ -164,6 +184,14 @@ def fit(
             matches is resumed from.
         config: names the data and settings (a stale checkpoint is never resumed).
         batch_bar: show a batch bar (img/s) beside the epoch bar.
+        augment: a random (C, H, W) -> (C, H, W) transform the loop applies to each training
+            image before the step, with a seed per image (see the module's docstring).
+
+    In a process group (``classifiers/distributed.py``, under torchrun) every rank calls this
+    with the same arguments: each trains on its shard of every global batch of ``batch_size``,
+    its loss scaled by its share, and the gradients are summed over the ranks before the
+    clipping and the optimiser step, so every rank applies one process's update. Validation
+    runs on rank 0 and its result is broadcast; rank 0 writes the checkpoint.
 
     Returns:
         The history and the outcome; the modules hold the best weights, in eval mode.
@@ -185,7 +213,6 @@ def fit(
             optimizer.load_state_dict(state["opt"])
             if scheduler is not None:
                 scheduler.load_state_dict(state["sched"])
-            torch.set_rng_state(state["rng"])
             order.set_state(state["order_rng"])
             history, best, stale = state["history"], state["best"], state["stale"]
             stopped = state["stopped"]
@@ -193,6 +220,9 @@ def fit(
             log.info("%s: resuming from %s after epoch %d", name, checkpoint, state["epoch"])
         else:
             log.warning("%s: %s is from other data or settings; starting afresh", name, checkpoint)
+    # every rank has read the checkpoint before rank 0 may replace it, and all start alike
+    distributed.broadcast_modules(modules.values())
+    world = distributed.world_size()
 
     params = [p for g in optimizer.param_groups for p in g["params"]]
     # summed on the device: reading them back every batch would stall a GPU's queue
@@ -212,6 +242,11 @@ def fit(
             for module in modules.values():
                 module.train()
         perm = torch.randperm(len(y_train), generator=order)
+        image_seeds = torch.randint(SEED_RANGE, (len(perm),), generator=order)
+        step_seeds = torch.randint(
+            SEED_RANGE, (math.ceil(len(perm) / batch_size),), generator=order
+        )
+        seen = 0
         loss_sum = torch.zeros((), dtype=sum_dtype, device=device)
         n_correct = torch.zeros((), dtype=torch.int64, device=device)
         batches = progress(
@@ -222,27 +257,39 @@ def fit(
         )
         show = Throttle(batches)
         with batches:
-            for i in range(0, len(perm), batch_size):
-                idx = perm[i : i + batch_size]
-                y = y_train[idx]
-                loss, logits = step(x_train[idx], y)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+            for b, i in enumerate(range(0, len(perm), batch_size)):
+                n_batch = min(batch_size, len(perm) - i)
+                mine = distributed.shard(torch.arange(i, i + n_batch))  # positions in perm
+                idx = perm[mine]
+                if len(idx):
+                    x, y = x_train[idx], y_train[idx]
+                    if augment is not None:
+                        x = augment_images(x, augment, image_seeds[mine])
+                    torch.manual_seed(int(step_seeds[b]) + distributed.rank())
+                    loss, logits = step(x, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    # this rank's share of the global batch's mean loss (x 1.0 in one process)
+                    (loss * (len(idx) / n_batch)).backward()
+                    loss_sum += loss.detach().to(sum_dtype) * len(idx)
+                    n_correct += (logits.detach().argmax(1) == y.to(logits.device)).sum()
+                    seen += len(idx)
+                else:  # a batch smaller than the world: this rank contributes zeros
+                    optimizer.zero_grad(set_to_none=True)
+                distributed.all_reduce_grads(params, some_empty=n_batch < world)
                 if grad_clip is not None:
                     nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], grad_clip)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
-                loss_sum += loss.detach().to(sum_dtype) * len(idx)
-                n_correct += (logits.detach().argmax(1) == y.to(logits.device)).sum()
-                if show():  # training accuracy is the recipe's overfitting signal: show it
-                    seen = i + len(idx)
+                if show() and seen:  # training accuracy is the recipe's overfitting signal
                     show_fit(batches, float(loss_sum) / seen, int(n_correct) / seen)
-                batches.update(len(idx))
+                batches.update(n_batch)
         for module in modules.values():
             module.eval()
+        distributed.sum_over_ranks(loss_sum)
+        distributed.sum_over_ranks(n_correct)
         train_acc = int(n_correct) / len(y_train)
-        val_acc = validate() if validate is not None else None
+        val_acc = distributed.from_main(validate) if validate is not None else None
         row = {
             "epoch": epoch,
             **{f"lr_{g.get('name', k)}": g["lr"] for k, g in enumerate(optimizer.param_groups)},
@@ -291,7 +338,7 @@ def fit(
             if stale >= patience:
                 log.info("%s: early stop at epoch %d (best %d)", name, epoch, best["epoch"])
                 stopped = True
-        if checkpoint is not None:
+        if checkpoint is not None and distributed.is_main():
             atomic_torch_save(
                 {
                     "config": config,
@@ -299,7 +346,6 @@ def fit(
                     "modules": {k: m.state_dict() for k, m in modules.items()},
                     "opt": optimizer.state_dict(),
                     "sched": scheduler.state_dict() if scheduler is not None else None,
-                    "rng": torch.get_rng_state(),
                     "order_rng": order.get_state(),
                     "history": history,
                     "best": best,
@@ -308,6 +354,7 @@ def fit(
                 },
                 checkpoint,
             )
+        distributed.barrier()  # the checkpoint is whole before any rank moves on
         if on_epoch_end is not None:
             on_epoch_end(row)
     bar.close()
