@@ -7,7 +7,9 @@ weights, 128 px, batch 16, augmentation, bf16 where the CPU has AMX) of ``--imag
 224 px images, two epochs, run alternately as 1 process with all the CPU threads and as
 ``torch.distributed`` ranks under torchrun (gloo) with an equal share each: the same global
 batch and seed. The figure is the ratio of the second epochs' times (the first warms up
-oneDNN), 1 process over N, the median over the repeats, measured in this one run; and the
+oneDNN), 1 process over N, the median over the repeats, measured in this one run (and, as a
+control, 1 process on 1 thread over N: a multi-threaded process suffers more than
+single-threaded ones on a machine busy with other work); and the
 largest difference between the weights the two trained (the same update in float rounding;
 bf16 rounds more than fp32). A machine with C cores has C threads either way, so on a CPU the
 gain comes only from what a single process leaves idle (Python between kernels, the
@@ -54,7 +56,9 @@ def worker(out: Path, n_images: int, precision: str) -> None:
                     "weights": torch.cat(weights)}, out)  # fmt: skip
 
 
-def run(processes: int, out: Path, n_images: int, precision: str) -> dict:
+def run(
+    processes: int, out: Path, n_images: int, precision: str, threads: int | None = None
+) -> dict:
     from transferlab.classifiers import distributed
 
     program = [str(Path(__file__).resolve()), "--worker", str(out), "--images", str(n_images)]
@@ -62,6 +66,8 @@ def run(processes: int, out: Path, n_images: int, precision: str) -> dict:
     env = {**os.environ, "PYTHONPATH": str(REPO), "TQDM_DISABLE": "1"}
     env.pop("OMP_NUM_THREADS", None)  # each run gets its share of this machine's threads
     env.update(distributed.local_env(processes))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
     cmd = [sys.executable, *program]
     if processes > 1:
         cmd = distributed.torchrun_command(processes, program)
@@ -94,15 +100,23 @@ def main() -> None:
         worker(args.worker, args.images, args.precision)
         return
     tmp = args.out.with_suffix(".tmp.pt")
-    rows, ratios, diffs = [], [], []
+    rows, ratios, ratios_1t, diffs = [], [], [], []
     for r in range(args.repeats):
         one = run(1, tmp, args.images, args.precision)
         many = run(args.processes, tmp, args.images, args.precision)
-        ratios.append(one["epoch_seconds"][-1] / many["epoch_seconds"][-1])
+        # the control: one process on one thread (what each rank has); it tells the parallel
+        # gain apart from how a multi-threaded process fares on a busy machine
+        single = run(1, tmp, args.images, args.precision, threads=1)
+        last = many["epoch_seconds"][-1]
+        ratios.append(one["epoch_seconds"][-1] / last)
+        ratios_1t.append(single["epoch_seconds"][-1] / last)
         diffs.append(float((one.pop("weights") - many.pop("weights")).abs().max()))
-        rows += [one, many]
-        print(f"repeat {r + 1}: 1 process {one['epoch_seconds']} s/epoch, {args.processes} "
-              f"processes {many['epoch_seconds']} s/epoch: x{ratios[-1]:.2f}, max |dw| "
+        single.pop("weights")
+        rows += [one, many, single]
+        print(f"repeat {r + 1}: s/epoch 1 process x {one['threads_each']} threads "
+              f"{one['epoch_seconds']}, {args.processes} processes x {many['threads_each']} "
+              f"{many['epoch_seconds']}, 1 process x 1 thread {single['epoch_seconds']}: "
+              f"x{ratios[-1]:.2f} (x{ratios_1t[-1]:.2f} over 1 thread), max |dw| "
               f"{diffs[-1]:.2g}", flush=True)  # fmt: skip
     tmp.unlink(missing_ok=True)
     result = {
@@ -111,6 +125,8 @@ def main() -> None:
         "processes": args.processes,
         "speedup_median": round(statistics.median(ratios), 3),
         "speedups": [round(x, 3) for x in ratios],
+        "speedup_over_one_thread_median": round(statistics.median(ratios_1t), 3),
+        "speedups_over_one_thread": [round(x, 3) for x in ratios_1t],
         "max_abs_weight_diff": max(diffs),
         "runs": rows,
     }

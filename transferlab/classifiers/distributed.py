@@ -293,7 +293,12 @@ def launch(method: str, params: Any, root: Path, *, processes: int, backend: str
     """
     from transferlab.procgroup import run_group
 
-    resolve_backend(backend)  # a bad backend fails here, in one line, before any rank starts
+    # a bad setting fails here, in one line, before any rank starts
+    if resolve_backend(backend) == "nccl" and processes > torch.cuda.device_count():
+        raise ValueError(
+            f"distributed.processes: {processes} NCCL ranks need a GPU each and this machine has "
+            f"{torch.cuda.device_count()}; lower processes, or set backend: gloo"
+        )
     (root / WORK_DIR).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root / WORK_DIR, prefix=f"{method}-") as tmp:
         out = Path(tmp)

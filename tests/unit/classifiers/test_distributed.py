@@ -134,6 +134,49 @@ def test_two_processes_train_the_weights_of_one_and_resume_across_world_sizes(tm
         )
 
 
+def test_the_full_stage_in_two_processes_writes_what_one_process_writes(tmp_path, tiny_dataset):
+    """``full.distributed.processes: 2``: the stage re-launches itself under torchrun, rank 0
+    writes the model and metrics, the parent returns its summary and leaves nothing behind."""
+    import shutil
+
+    from tests.conftest import tiny_params, write_workspace
+    from transferlab.config import load_params
+    from transferlab.stages import STAGES
+
+    full = {"epochs": 1, "min_steps": 0, "image_size": 32, "batch_size": 8, "search": {}}
+    one_trial = {"svm": {"C": [0.1]}, "top": {"search": {}}, "adv": {"search": {}}}
+    spec = tiny_params(
+        tiny_dataset, split={"val": 0.25, "test": 0.25}, full={**full, "precision": "fp32"},
+        **one_trial,
+    )  # fmt: skip
+    one = write_workspace(tmp_path / "one", spec)
+    for stage in ("pull", "split", "full"):
+        one_summary = STAGES[stage].run(load_params(one / "params.yaml"), one)
+    two = tmp_path / "two"
+    shutil.copytree(one, two, ignore=shutil.ignore_patterns("models", "metrics"))
+    spec["full"]["distributed"] = {"processes": 2, "backend": "gloo"}
+    write_workspace(two, spec)
+    two_summary = STAGES["full"].run(load_params(two / "params.yaml"), two)
+
+    assert two_summary.keys() == one_summary.keys()
+    assert two_summary["test_acc"] == one_summary["test_acc"]
+    metrics = [json.loads((ws / "metrics/full.json").read_text()) for ws in (one, two)]
+    assert metrics[1]["test_pred"] == metrics[0]["test_pred"]
+    assert [h["val_acc"] for h in metrics[1]["history"]] == [
+        h["val_acc"] for h in metrics[0]["history"]
+    ]
+    weights = [
+        {f"{m}.{k}": v for m in ("backbone", "head")
+         for k, v in torch.load(ws / f"models/full/{m}.pt", weights_only=True).items()}
+        for ws in (one, two)
+    ]  # fmt: skip
+    diff = _max_diff(*weights)
+    print(f"full stage, 2 processes: max |w - w_one| = {diff:.3g}")
+    assert diff < 1e-5
+    assert not list((two / distributed.WORK_DIR).iterdir())  # shared images, params: gone
+    assert not list((two / ".transferlab/checkpoints").glob("*"))
+
+
 def _backbone():
     from transferlab.backbones import load_backbone
 
