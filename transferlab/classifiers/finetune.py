@@ -15,6 +15,7 @@ saved as a ``Classifier`` with its metrics.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -27,7 +28,6 @@ from transferlab.backbones import Backbone
 from transferlab.classifiers.loop import epoch_budget, fit, remove_stale_saves
 from transferlab.classifiers.training import (
     accuracy,
-    augment_batch,
     augmentation,
     in_channels_last,
     make_head,
@@ -117,6 +117,10 @@ def warmup_cosine(total: int, warmup: int) -> Callable[[int], float]:
 
     return factor
 
+
+# Keys that say how a run goes, not what it learns: left out of a checkpoint's identity, so a
+# run killed with other values (another number of processes) resumes from it
+RUN_ONLY = {"resume", "distributed"}
 
 # (network, x, y) batch (augmented, on the CPU) -> (loss to minimise, logits)
 FinetuneStep = Callable[[Network, Tensor, Tensor], tuple[Tensor, Tensor]]
@@ -232,7 +236,7 @@ def finetune(
     )
 
     def batch_step(x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return step(net, x if aug is None else augment_batch(x, aug), y)
+        return step(net, x, y)  # augmented by the loop, each image with its own seed
 
     def start_epoch(epoch: int) -> dict:
         net.train_modes()
@@ -266,8 +270,9 @@ def finetune(
         on_epoch_start=start_epoch,
         on_epoch_end=on_epoch_end,
         checkpoint=checkpoint,
-        config={**params.model_dump(mode="json"), "resume": None, "fingerprint": fingerprint},
+        config={**params.model_dump(mode="json", exclude=RUN_ONLY), "fingerprint": fingerprint},
         device=device,
+        augment=aug,
     )
     if convert:
         backbone.to(memory_format=torch.contiguous_format)
@@ -310,6 +315,10 @@ def run_trials(
     after a kill continues from it (the section's ``resume``); a finished trial's last
     checkpoint gives back its result at once. They are deleted once the model is saved.
 
+    With the section's ``distributed.processes`` > 1 this re-launches itself as that many
+    torchrun ranks (``classifiers/distributed.py``): they share the decoded images, train
+    data-parallel, and rank 0 evaluates and writes; the summary is rank 0's.
+
     Args:
         name: the method (its ``METHODS`` entry and its ``params`` section).
         train: ``train_full``'s keyword arguments (backbone, head, n_classes, params, the
@@ -323,6 +332,7 @@ def run_trials(
         The numeric metrics (the stage's summary).
     """
     from transferlab.atomic import write_json
+    from transferlab.classifiers import distributed
     from transferlab.classifiers.base import Classifier, save_classifier
     from transferlab.classifiers.loop import choose_trial
     from transferlab.classifiers.training import split_metrics
@@ -331,8 +341,17 @@ def run_trials(
     from transferlab.methods import METHODS
 
     method, section = METHODS[name], getattr(params, name)
+    if distributed.should_launch(section.distributed.processes):
+        return distributed.launch(
+            name,
+            params,
+            root,
+            processes=section.distributed.processes,
+            backend=section.distributed.backend,
+        )
     classes = dataset_classes(root)
-    h = hashlib.sha256(params.section_hash(name, "features", "data").encode())
+    h = hashlib.sha256(params.section_hash("features", "data").encode())
+    h.update(json.dumps(section.model_dump(mode="json", exclude=RUN_ONLY), sort_keys=True).encode())
     for rel in (MANIFEST, SPLIT, *fingerprint_files):
         h.update((root / rel).read_bytes())
     first = root / method.checkpoint
@@ -345,7 +364,12 @@ def run_trials(
         nonlocal imgs
         backbone, head = start(classes)
         if imgs is None:
-            imgs = split_images(root, classes, backbone.spec, background=params.data.background)
+            imgs = distributed.computed_once(
+                root / distributed.WORK_DIR / f"{name}-images.pt",
+                lambda: split_images(
+                    root, classes, backbone.spec, background=params.data.background
+                ),
+            )
         return train(
             backbone=backbone,
             head=head,
@@ -364,6 +388,8 @@ def run_trials(
     res, selection = choose_trial(
         name, trials, train_trial, lambda r: r.history[r.best_epoch]["val_acc"]
     )
+    if not distributed.is_main():
+        return {}  # rank 0 evaluates and writes; the launcher returns its summary
     clf = Classifier(res.backbone, res.head, classes, method.name, section.image_size)
     clf = clf.eval().cpu()
     preds = {p: predict(clf, imgs[f"x_{p}"], batch_size=32, desc=f"{name} {p} set") for p in PARTS}

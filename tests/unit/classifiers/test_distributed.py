@@ -78,6 +78,16 @@ def run_jobs(out: Path, jobs: list[dict]) -> None:
             )
 
 
+@pytest.fixture
+def one_thread():
+    """In-process training on one thread, like each rank: on a busy 2-core machine a 2-thread
+    process runs several times slower than a 1-thread one (its threads wait on each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _torchrun(out: Path, jobs: list[dict], processes: int) -> None:
     """``run_jobs`` in ``processes`` ranks (gloo, 1 thread each) on 127.0.0.1."""
     cmd = distributed.torchrun_command(processes, ["-m", __name__, str(out), json.dumps(jobs)])
@@ -92,7 +102,7 @@ def _max_diff(a: dict, b: dict) -> float:
     return max(float((a[k].double() - b[k].double()).abs().max()) for k in a if a[k].numel())
 
 
-def test_two_processes_train_the_weights_of_one_and_resume_across_world_sizes(tmp_path):
+def test_two_processes_train_the_weights_of_one_and_resume_across_world_sizes(tmp_path, one_thread):
     ckpt = {k: str(tmp_path / k / "full.pt") for k in ("one", "two", "after1", "after2")}
     # 1 process, keeping its checkpoint after the first epoch (a run killed there)
     run_jobs(tmp_path, [{"name": "one", "checkpoint": ckpt["one"], "keep_first": ckpt["after1"]}])
@@ -134,7 +144,9 @@ def test_two_processes_train_the_weights_of_one_and_resume_across_world_sizes(tm
         )
 
 
-def test_the_full_stage_in_two_processes_writes_what_one_process_writes(tmp_path, tiny_dataset):
+def test_the_full_stage_in_two_processes_writes_what_one_process_writes(
+    tmp_path, tiny_dataset, one_thread
+):
     """``full.distributed.processes: 2``: the stage re-launches itself under torchrun, rank 0
     writes the model and metrics, the parent returns its summary and leaves nothing behind."""
     import shutil

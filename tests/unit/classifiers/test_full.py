@@ -87,7 +87,9 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
 
 
 def test_param_groups_schedule_and_gradual_unfreezing(random_lite0, tiny_images):
-    x, y, xv, yv = tiny_images
+    # no val: the last epoch is kept (with val, an epoch 0 that scored higher would be kept,
+    # and the top group would come back untrained)
+    x, y, _, _ = tiny_images
     groups = _groups(random_lite0, 2)
     before = [[p.detach().clone() for p in g] for g in groups]
     params = FullParams(
@@ -106,8 +108,6 @@ def test_param_groups_schedule_and_gradual_unfreezing(random_lite0, tiny_images)
         params=params,
         x_train=x,
         y_train=y,
-        x_val=xv,
-        y_val=yv,
     )
     hist = res.history
     assert [h["unfrozen_groups"] for h in hist] == [0, 1]
