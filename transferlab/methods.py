@@ -284,7 +284,9 @@ register(
         "backbone, augmentation). An epoch bar and a batch bar show img/s and the running "
         "training loss and accuracy: training accuracy near 1 with val accuracy lagging means "
         "overfitting. While it runs, a checkpoint every epoch under .transferlab/checkpoints/, "
-        "so a re-run after a kill resumes (full.resume) and deletes it at the end.",
+        "so a re-run after a kill resumes (full.resume) and deletes it at the end. "
+        "full.distributed.processes > 1 trains data-parallel in that many torchrun processes, "
+        "to the same weights (docs/distributed.md).",
         reads=("images",),
         trains_backbone=True,
     )
