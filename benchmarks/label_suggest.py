@@ -21,9 +21,11 @@ Prints one JSON object; ``ratio_to_target`` = seconds / the 10 s goal (<= 1 meet
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument(
         "--strategies", default="margin,entropy,kcenter,badge,random", help="comma-separated"
     )
+    ap.add_argument("--keep", action="store_true", help="keep the workspace (printed) afterwards")
     args = ap.parse_args()
 
     from tests.conftest import draw_image, tiny_params, write_workspace
@@ -56,6 +59,8 @@ def main() -> None:
     from transferlab.stages import STAGES
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-suggest-"))
+    if not args.keep:  # 10,000 images and their cache rows: hundreds of MB left behind otherwise
+        atexit.register(shutil.rmtree, tmp, ignore_errors=True)
     kinds = ("circles", "squares", "stripes")
     for c, kind in enumerate(kinds):
         (tmp / "data" / kind).mkdir(parents=True)
@@ -125,6 +130,7 @@ def main() -> None:
         json.dumps(
             {
                 "images": args.images,
+                "workspace": str(ws) if args.keep else None,
                 "budget": args.budget,
                 "generate_seconds": round(gen_seconds, 1),
                 "extraction_img_per_s": round(rate, 2),
