@@ -35,6 +35,7 @@ import builtins
 import json
 import logging
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -300,6 +301,12 @@ def launch(method: str, params: Any, root: Path, *, processes: int, backend: str
             f"{torch.cuda.device_count()}; lower processes, or set backend: gloo"
         )
     (root / WORK_DIR).mkdir(parents=True, exist_ok=True)
+    # the caller holds the workspace lock: what an earlier, killed launch left is stale
+    for stale in (root / WORK_DIR).glob(f"{method}-*"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
     with tempfile.TemporaryDirectory(dir=root / WORK_DIR, prefix=f"{method}-") as tmp:
         out = Path(tmp)
         (out / "params.json").write_text(params.model_dump_json())

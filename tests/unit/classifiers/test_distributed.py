@@ -189,6 +189,20 @@ def test_the_full_stage_in_two_processes_writes_what_one_process_writes(
     assert not list((two / ".transferlab/checkpoints").glob("*"))
 
 
+def test_a_failing_rank_fails_the_stage_with_its_error(tmp_path, tiny_dataset):
+    """No data pulled: every rank raises FileNotFoundError; the stage raises it too (so the CLI
+    prints one line and Prefect does not retry), and leaves nothing behind."""
+    from tests.conftest import tiny_params, write_workspace
+    from transferlab.config import load_params
+    from transferlab.stages import STAGES
+
+    spec = tiny_params(tiny_dataset, full={"distributed": {"processes": 2, "backend": "gloo"}})
+    ws = write_workspace(tmp_path / "ws", spec)
+    with pytest.raises(FileNotFoundError, match="split.csv"):
+        STAGES["full"].run(load_params(ws / "params.yaml"), ws)
+    assert not list((ws / distributed.WORK_DIR).iterdir())
+
+
 def _backbone():
     from transferlab.backbones import load_backbone
 
