@@ -312,6 +312,8 @@ def launch(method: str, params: Any, root: Path, *, processes: int, backend: str
         (out / "params.json").write_text(params.model_dump_json())
         program = ["-m", __name__, method, "--params", str(out / "params.json")]
         program += ["--root", str(root), "--backend", backend, "--out", str(out)]
+        # rank 0 logs as this process does (--quiet, --verbose)
+        program += ["--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel())]
         log.info("%s: training in %d processes (torchrun, %s)", method, processes, backend)
         code = run_group(torchrun_command(processes, program), env=local_env(processes))
         summary = out / "summary.json"
@@ -343,11 +345,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", type=Path, default=Path.cwd(), help="the workspace")
     parser.add_argument("--backend", default="auto", choices=BACKENDS)
     parser.add_argument("--out", type=Path, default=None, help="summary.json / error files here")
+    parser.add_argument("--log-level", default="INFO", help="rank 0's; the others log errors")
     args = parser.parse_args(argv)
     if int(os.environ.get("RANK", "0")) != 0:
         os.environ["TQDM_DISABLE"] = "1"  # one set of bars: rank 0's
     logging.basicConfig(
-        level=logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR,
+        level=args.log_level if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR,
         format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s",
     )
     from transferlab.atomic import write_json
