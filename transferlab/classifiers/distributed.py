@@ -347,11 +347,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="summary.json / error files here")
     parser.add_argument("--log-level", default="INFO", help="rank 0's; the others log errors")
     args = parser.parse_args(argv)
-    if int(os.environ.get("RANK", "0")) != 0:
+    rank_ = os.environ.get("RANK", "0")
+    if rank_ != "0":
         os.environ["TQDM_DISABLE"] = "1"  # one set of bars: rank 0's
     logging.basicConfig(
-        level=args.log_level if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR,
-        format=f"[rank {os.environ.get('RANK', '0')}] %(levelname)s %(name)s: %(message)s",
+        level=args.log_level if rank_ == "0" else logging.ERROR,
+        format=f"%(asctime)s [rank {rank_}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
     )
     from transferlab.atomic import write_json
     from transferlab.config import Params, load_params
