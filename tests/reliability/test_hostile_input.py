@@ -358,20 +358,42 @@ def test_files_that_would_hurt(case, tmp_path):
 # ------------------------------------------------------------------ pull state
 
 
+def _copies_not_listed(data: Path) -> bool:
+    """Whether data/images holds a file its manifest does not list (an unfinished pull's)."""
+    try:
+        listed = {row["path"] for row in read_manifest(data / "manifest.csv")}
+    except OSError:
+        return False
+    return any(
+        p.relative_to(data).as_posix() not in listed
+        for p in (data / "images").rglob("*")
+        if p.is_file()
+    )
+
+
 @pytest.mark.parametrize(
-    "case",
+    ("case", "when"),
     [
         Case(
-            "pull-killed-leftovers",
-            "pull killed with SIGKILL mid-run; a .pull-* folder whose owner died",
+            f"pull-killed-leftovers[{when}]",
+            f"pull killed with SIGKILL {what}; a .pull-* folder whose owner died",
             "the next pull removes them and completes (exit 0)",
             "the dataset, whole; a live pull's folder",
-        ).param()
+        ).param(when)
+        for when, what in (
+            ("first-pull", "while building the first dataset"),
+            ("adding-files", "while copying new files into data/images"),
+        )
     ],
 )
-def test_killed_pulls_leave_nothing_that_lasts(case, tmp_path):
+def test_killed_pulls_leave_nothing_that_lasts(case, when, tmp_path):
     src = _source(tmp_path / "src", n=150)
     ws = write_workspace(tmp_path / "ws", tiny_params(src))
+    if when == "adding-files":
+        assert cli("pull", cwd=ws, timeout=300).returncode == 0
+        for k, name in enumerate(("circles", "squares")):
+            for i in range(150, 450):
+                _png(src / name / f"{i}.png", seed=50 * k + i)
     guard = Guard(tmp_path, ws)
     proc = subprocess.Popen(
         [sys.executable, "-m", "transferlab.cli", "pull"],
@@ -379,7 +401,10 @@ def test_killed_pulls_leave_nothing_that_lasts(case, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    wait_for(lambda: list((ws / "data").glob(".pull-*")) or proc.poll() is not None)
+    if when == "adding-files":  # new copies go straight into images/, before the manifest
+        wait_for(lambda: _copies_not_listed(ws / "data") or proc.poll() is not None)
+    else:
+        wait_for(lambda: list((ws / "data").glob(".pull-*")) or proc.poll() is not None)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -393,6 +418,11 @@ def test_killed_pulls_leave_nothing_that_lasts(case, tmp_path):
     assert done.returncode == 0, done.stderr
     assert not list((ws / "data").glob(".pull-*"))
     assert dataset_problem(ws / "data") is None
+    # every source file is in the manifest or rejected (as a duplicate: the seeds overlap)
+    rejected = json.loads((ws / "data/rejected.json").read_text())
+    assert {r["reason"].split(":")[0] for r in rejected} <= {"duplicate"}
+    n_listed = len(read_manifest(ws / "data/manifest.csv"))
+    assert n_listed + len(rejected) == len(list(src.rglob("*.png")))
     guard.check()
 
 

@@ -178,23 +178,117 @@ _MARK = textwrap.dedent(
 )
 
 
+# Serves the Prefect API (so it outlives the killed flow's process), then, once told the flow's
+# process is dead, does what the next run in that workspace does and reports the run states.
+_SERVE_THEN_MARK = textwrap.dedent(
+    """
+    import json, sys
+    from prefect import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterState
+    from prefect.client.schemas.filters import FlowRunFilterStateType
+    from prefect.client.schemas.objects import StateType
+    from transferlab_flows.ephemeral import prefect_api
+    from transferlab_flows.pipeline import mark_abandoned_runs
+
+    here = sys.argv[1]
+    with prefect_api(timeout=240) as url:
+        print(url, flush=True)
+        sys.stdin.readline()
+        with get_client(sync_client=True) as client:
+            running = FlowRunFilter(
+                state=FlowRunFilterState(type=FlowRunFilterStateType(any_=[StateType.RUNNING]))
+            )
+            left = [str(r.id) for r in client.read_flow_runs(flow_run_filter=running)]
+            marked = mark_abandoned_runs(here)
+            states = {i: client.read_flow_run(i).state.type.value for i in left}
+        print(json.dumps({"left": left, "marked": marked, "states": states}), flush=True)
+    """
+)
+
+
+def _killed_mid_pull(here: Path, env: dict, tiny_dataset: Path) -> dict:
+    """A real `transferlab run` flow killed with SIGKILL while its pull task waits on an HTTP
+    server that never answers; then the next run's marking, against the same Prefect server."""
+    import json
+    import socket
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(1)
+    source = {
+        "kind": "http",
+        "url": f"http://127.0.0.1:{listener.getsockname()[1]}/photos.tar.gz",
+        "sha256": "0" * 64,
+        "path": str(here / "downloads"),
+        "retries": 0,
+        "timeout": 600,
+    }
+    write_workspace(here, tiny_params(tiny_dataset, data={"source": source, "min_size": 16}))
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVE_THEN_MARK, str(here.resolve())],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    flow = None
+    try:
+        url = server.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:"), url
+        log = here / "flow.log"
+        flow = subprocess.Popen(
+            [sys.executable, "-m", "transferlab_flows.pipeline", "--workdir", str(here)],
+            cwd=here,
+            env={**env, "PREFECT_API_URL": url},
+            stdout=subprocess.DEVNULL,
+            stderr=open(log, "w"),  # noqa: SIM115 - the child owns it
+        )
+        conn = None
+        while conn is None:  # the pull task connects: the flow run is RUNNING
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                assert flow.poll() is None, f"the flow ended first:\n{log.read_text()[-3000:]}"
+        flow.send_signal(signal.SIGKILL)
+        flow.wait()
+        conn.close()
+        out, _ = server.communicate("dead\n", timeout=120)
+        assert server.returncode == 0
+        return json.loads(out.strip().splitlines()[-1])
+    finally:
+        listener.close()
+        for proc in (flow, server):
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
 @pytest.mark.parametrize(
-    "case",
+    ("case", "probe"),
     [
         Case(
-            "abandoned-flow-run",
-            "a pipeline flow run left RUNNING by a killed `transferlab run`",
+            f"abandoned-flow-run[{probe}]",
+            f"a pipeline flow run left RUNNING by a killed `transferlab run` ({what})",
             "the next run in that workspace marks it CRASHED; runs of other workspaces stay",
             "other workspaces' runs",
-        ).param()
+        ).param(probe)
+        for probe, what in (
+            ("left-running", "its state set RUNNING, beside one of another workspace"),
+            ("kill-9-mid-pull", "SIGKILL while its pull task downloads"),
+        )
     ],
 )
-def test_abandoned_flow_runs_are_marked_crashed(case, tmp_path):
+def test_abandoned_flow_runs_are_marked_crashed(case, probe, tmp_path, tiny_dataset):
     import json
 
     here, elsewhere = tmp_path / "ws", tmp_path / "other"
     env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect"), "PYTHONPATH": str(REPO)}
     env.pop("PREFECT_API_URL", None)
+    if probe == "kill-9-mid-pull":
+        result = _killed_mid_pull(here, env, tiny_dataset)
+        (killed,) = result["left"]  # the flow's own run, never finished
+        assert result["marked"] == [killed]
+        assert result["states"] == {killed: "CRASHED"}
+        return
     out = subprocess.run(
         [sys.executable, "-c", _MARK, str(here), str(elsewhere)],
         env=env,

@@ -5,26 +5,30 @@ Output layout under ``out_dir``::
     images/<class>/<path inside the class>   original bytes of each accepted file
     manifest.csv                              path,label,sha256,width,height,source
     rejected.json                             [{"source": uri, "reason": text}, ...]
-    pull-index.json                           what each source file gave last time (below)
+    pull-index.tsv                            what each source file gave last time (below)
 
-The three are replaced together at the end, so a failed run leaves the previous dataset whole.
+They are replaced together at the end, so a failed run leaves the previous dataset whole.
 
-The pull is incremental. ``pull-index.json`` records, per source file, its size, mtime and
-sha256 and the outcome (accepted with its size in pixels, or the reason for rejecting it), plus
-the size and mtime of the copy under ``images/``. A file whose size and mtime are unchanged, and
-whose copy is untouched, is hard-linked into the new dataset without being read; a file read
-again (a source converted afresh each run, like IDX) whose sha256 is unchanged is not decoded
-again. Anything else is checked in full. The index only ever saves work: a missing, stale or
-damaged index means a full check, never a different dataset.
+The pull is incremental. ``pull-index.tsv`` (:mod:`~transferlab.data.pull_index`) records, per
+source file, its size, mtime and sha256 and the outcome (accepted with its size in pixels, or
+the reason for rejecting it), plus the mtime of the copy under ``images/``. A file whose size and
+mtime are unchanged, and whose copy is untouched, is not read: its copy stays. A file read again
+(a source converted afresh each run, like IDX) whose sha256 is unchanged is not decoded again.
+Anything else is checked in full. When the checks only add files, their copies go straight into
+``images/`` under names the current manifest does not list, then the manifest is swapped, then
+the files it no longer lists go; a changed file makes the pull build the dataset beside the old
+one and swap it in. The index only ever saves work: a missing, stale or damaged index means a
+full check, never a different dataset.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import csv
 import functools
 import gc
 import hashlib
+import io
 import json
 import logging
 import multiprocessing
@@ -35,14 +39,25 @@ import stat
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 
 from transferlab.config import DataParams, FolderSource
 from transferlab.data.images import ImageRejected, decode_rgb
-from transferlab.data.manifest import LABELLED, MANIFEST_COLUMNS, read_manifest, write_csv_atomic
+from transferlab.data.manifest import LABELLED, MANIFEST_COLUMNS, read_manifest
+from transferlab.data.pull_index import (
+    INDEX_NAME,
+    LEGACY_INDEX_NAMES,
+    Verdict,
+    index_header,
+    index_key,
+    index_line,
+    parse_line,
+    read_index,
+    write_index,
+)
 from transferlab.data.sources import IMAGE_EXTENSIONS, DataSourceError, SourceFile, list_source
 from transferlab.names import UnsafeName, data_name, data_path_text
 from transferlab.progress import progress
@@ -52,8 +67,6 @@ log = logging.getLogger(__name__)
 MANIFEST_NAME = "manifest.csv"
 REJECTED_NAME = "rejected.json"
 IMAGES_DIR = "images"
-INDEX_NAME = "pull-index.json"
-_INDEX_VERSION = 1
 # Temporary folders of a pull in progress: out_dir/.pull-<random>/, with an owner file naming the
 # process, so that a later pull can remove those a killed pull left behind.
 _TMP_PREFIX = ".pull-"
@@ -88,19 +101,6 @@ class PullResult:
 
 
 @dataclass(frozen=True)
-class _Checked:
-    """The outcome for one source file; ``reason`` set means rejected."""
-
-    sha256: str = ""
-    width: int = 0
-    height: int = 0
-    reason: str | None = None
-    size: int = -1  # the source file's size and mtime when it was read (-1: not read)
-    mtime_ns: int = -1
-    copy_mtime_ns: int = -1  # mtime of the copy under images/ (accepted files)
-
-
-@dataclass(frozen=True)
 class _Job:
     src: str
     dest: str
@@ -109,10 +109,10 @@ class _Job:
     max_bytes: int
     background: tuple[int, int, int]
     # what the index says these bytes gave last time: if the sha256 still matches, no decode
-    known: _Checked | None = None
+    known: Verdict | None = None
 
 
-def _check(job: _Job) -> _Checked:
+def _check(job: _Job) -> Verdict:
     """Validate one file and, if usable, copy its bytes to ``job.dest`` (runs in a worker).
 
     Reading the bytes once for hash, decode and copy means the recorded hash is always that of
@@ -123,32 +123,37 @@ def _check(job: _Job) -> _Checked:
         # stat follows links: those left in the listing stay inside the source (sources.py)
         st = os.stat(job.src)
         if not stat.S_ISREG(st.st_mode):
-            return _Checked(reason="not a regular file (a device, FIFO or socket)")
+            return Verdict(reason="not a regular file (a device, FIFO or socket)")
         if st.st_size > job.max_bytes:
-            return _Checked(
-                reason=f"too large: {st.st_size} bytes > data.max_bytes {job.max_bytes}"
-            )
+            return Verdict(reason=f"too large: {st.st_size} bytes > data.max_bytes {job.max_bytes}")
         with open(job.src, "rb") as f:
             data = f.read(job.max_bytes + 1)
     except OSError as exc:
-        return _Checked(reason=f"unreadable: {exc.strerror or exc}")
+        return Verdict(reason=f"unreadable: {exc.strerror or exc}")
     except MemoryError:
-        return _Checked(reason="unreadable: out of memory while reading")
+        return Verdict(reason="unreadable: out of memory while reading")
     if len(data) > job.max_bytes:  # it grew after the stat
-        return _Checked(reason=f"too large: over data.max_bytes {job.max_bytes} bytes")
+        return Verdict(reason=f"too large: over data.max_bytes {job.max_bytes} bytes")
     sha = hashlib.sha256(data).hexdigest()
     read = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": sha}
     known = job.known
     if known is not None and known.sha256 == sha:
-        checked = dataclasses.replace(known, **read)  # same bytes: same verdict, no decode
+        checked = known._replace(**read)  # same bytes: same verdict, no decode
     else:
-        checked = _Checked(**read, **_judge(data, job))
+        checked = Verdict(**read, **_judge(data, job))
     if checked.reason is None:
-        dest = Path(job.dest)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        dest.write_bytes(data)
-        checked = dataclasses.replace(checked, copy_mtime_ns=dest.stat().st_mtime_ns)
+        try:
+            _write(job.dest, data)
+        except FileNotFoundError:  # the first file of its folder: one mkdir, not one per file
+            os.makedirs(os.path.dirname(job.dest), exist_ok=True)
+            _write(job.dest, data)
+        checked = checked._replace(copy_mtime_ns=os.stat(job.dest).st_mtime_ns)
     return checked
+
+
+def _write(path: str, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
 
 
 def check_image_bytes(
@@ -193,7 +198,7 @@ def _auto_workers(jobs: Sequence[_Job]) -> int:
     return max(1, min(cores or 1, total // _BYTES_PER_WORKER))
 
 
-def _run_checks(jobs: Sequence[_Job], workers: int | None) -> Iterator[_Checked]:
+def _run_checks(jobs: Sequence[_Job], workers: int | None) -> Iterator[Verdict]:
     """Results of :func:`_check` in job order, across processes when it pays off."""
     if workers is None:
         workers = _auto_workers(jobs)
@@ -294,7 +299,7 @@ def _pull(
         files, classes = list_source(params.source, tmp / "src")
         if labelled is not None and labelled.is_dir():
             extra, extra_classes = list_source(FolderSource(path=labelled))
-            files += [dataclasses.replace(f, rel=PurePosixPath(LABELLED) / f.rel) for f in extra]
+            files += [f._replace(relpath=f"{LABELLED}/{f.relpath}") for f in extra]
             classes = sorted(set(classes) | set(extra_classes))
         listed = True
         if not files:
@@ -304,30 +309,46 @@ def _pull(
                 f"no images found under {root} (class folders: {found}); expected "
                 f"<class>/<image> files ending in one of: {exts}"
             )
-        files = _named(files)
+        header = index_header(_rules(params))
+        index = read_index(out_dir / INDEX_NAME, header)
+        files, keys = _named(files, index)
         new = tmp / "new"
-        (new / IMAGES_DIR).mkdir(parents=True)
-        rules = _rules(params)
-        # Finish every worker before going on, so none still writes into tmp if a later step
-        # fails and tmp is removed.
-        index = _read_index(out_dir, rules)
-        results, kept_copies = _check_all(files, params, new, out_dir, index, workers)
-        rows, rejected = _collect(files, results, new)
-        kept = Counter(row["label"] for row in rows)
-        _summarise(files, classes, kept, rejected)
-        empty, small = _check_class_sizes(classes, kept, min_per_class)
-        if len(kept) < 2:
-            raise DataSourceError(_too_few_classes(root, classes, files, kept, rejected))
-        write_csv_atomic(new / MANIFEST_NAME, MANIFEST_COLUMNS, rows)
-        (new / REJECTED_NAME).write_text(
-            json.dumps(rejected, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        _write_index(new / INDEX_NAME, rules, files, results)
-        if kept_copies and not _replaces_a_copy(new, out_dir):
-            _update_in_place(new, tmp / "previous", out_dir, {row["path"] for row in rows})
-        else:
-            _link_copies(kept_copies, out_dir, new)
-            _swap_in(new, tmp / "previous", out_dir)
+        new.mkdir()
+        # Every worker has finished when this returns, so none still writes if a later step
+        # fails and what it wrote is removed.
+        plan = _check_all(files, keys, params, new, out_dir, index, workers)
+        try:
+            rows, rejected, rejected_per_class, dropped = _collect(files, plan.results)
+            kept = Counter(row[0] for row in rows)
+            _summarise(classes, kept, rejected, rejected_per_class)
+            empty, small = _check_class_sizes(classes, kept, min_per_class)
+            if len(kept) < 2:
+                raise DataSourceError(_too_few_classes(root, classes, files, kept, rejected))
+            _write_manifest(new / MANIFEST_NAME, rows)
+            (new / REJECTED_NAME).write_text(
+                json.dumps(rejected, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+            write_index(new / INDEX_NAME, header, plan.index_lines)
+            listed_paths = {row[1] for row in rows}
+            if plan.in_place:
+                _swap_files(new, tmp / "previous", out_dir)
+            else:
+                for path in dropped:  # duplicates: copied by the checks, not in the manifest
+                    (new / path).unlink(missing_ok=True)
+                # a kept copy that became a duplicate of a new file is left out too
+                (new / IMAGES_DIR).mkdir(exist_ok=True)
+                _link_copies([p for p in plan.kept if p in listed_paths], out_dir, new)
+                _swap_in(new, tmp / "previous", out_dir)
+        except BaseException:
+            plan.discard(out_dir)
+            raise
+        if plan.in_place:
+            # The new manifest is in place: the copies it no longer lists go (dropped files,
+            # duplicates, what a killed pull left). Leftovers only cost a later pull a rebuild.
+            _remove_unlisted(out_dir, listed_paths)
+        for name in LEGACY_INDEX_NAMES:
+            with contextlib.suppress(OSError):
+                (out_dir / name).unlink(missing_ok=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if created and not listed:
@@ -347,29 +368,43 @@ def _pull(
     )
 
 
-def _named(files: Sequence[SourceFile]) -> list[SourceFile]:
+def _named(
+    files: Sequence[SourceFile], index: Mapping[str, str]
+) -> tuple[list[SourceFile], list[str]]:
     """Every label and file name through :mod:`transferlab.names` (NFC, safe for each sink);
-    a file whose name is refused, or collides with another's after normalising, is rejected."""
+    a file whose name is refused, or collides with another's after normalising, is rejected.
+
+    Returns:
+        The files, and each one's key in the index. A file whose key is in ``index`` was named
+        by the pull that wrote it, under the same naming rules (the index header says which):
+        its names are not checked again.
+    """
     out: list[SourceFile] = []
-    seen: set[tuple[str, str]] = set()
+    keys: list[str] = []
+    seen: set[str] = set()
     label_name = functools.lru_cache(maxsize=None)(data_name)  # a few labels, many files
     for f in files:
+        key = ""
         if f.problem is None:
-            rel = f.rel.as_posix()
-            try:
-                key = (label_name(f.label), data_path_text(rel))
-            except UnsafeName as exc:
-                f = dataclasses.replace(f, problem=f"unsafe name: {exc}")
-            else:
-                if key != (f.label, rel):  # NFC changed it
-                    f = dataclasses.replace(f, label=key[0], rel=PurePosixPath(key[1]))
-                if key in seen:
-                    f = dataclasses.replace(
-                        f, problem=f"same name as another file: {key[0]}/{key[1]}"
-                    )
-                seen.add(key)
+            key = index_key(f.label, f.relpath, f.origin or f.file)
+            if key not in index:
+                try:
+                    label, relpath = label_name(f.label), data_path_text(f.relpath)
+                except UnsafeName as exc:
+                    f = f._replace(problem=f"unsafe name: {exc}")
+                else:
+                    if (label, relpath) != (f.label, f.relpath):  # NFC changed it
+                        f = f._replace(label=label, relpath=relpath)
+                        key = index_key(label, relpath, f.origin or f.file)
+        if f.problem is None:
+            # label and relpath are checked names: no '/' in the label, so this is unambiguous
+            rel = f"{f.label}/{f.relpath}"
+            if rel in seen:
+                f = f._replace(problem=f"same name as another file: {rel}")
+            seen.add(rel)
         out.append(f)
-    return out
+        keys.append(key)
+    return out, keys
 
 
 # ------------------------------------------------------------------ incremental pull
@@ -378,131 +413,124 @@ def _named(files: Sequence[SourceFile]) -> list[SourceFile]:
 def _rules(params: DataParams) -> dict:
     """What a file's verdict depends on besides its bytes; the index holds only under these."""
     return {
-        "version": _INDEX_VERSION,
         "min_size": params.min_size,
         "max_pixels": params.max_pixels,
         "max_bytes": params.max_bytes,
     }
 
 
-def _index_key(f: SourceFile) -> str:
-    return f"{f.label}/{f.rel}|{f.origin or f.path}"
+@dataclass(frozen=True)
+class _Plan:
+    """What :func:`_check_all` found and did.
 
+    Attributes:
+        results: the verdict on every file, in the listing's order.
+        index_lines: the new index's lines (see :mod:`~transferlab.data.pull_index`).
+        kept: manifest paths (``images/<label>/<relpath>``) of the unchanged copies kept.
+        in_place: the checked files were copied straight into ``out_dir/images``, under names
+            the current dataset does not use; else under ``new/images`` for a new dataset.
+        written: in place, the manifest paths the checks may have written.
+    """
 
-def _read_index(out_dir: Path, rules: dict) -> dict[str, list]:
-    """The previous pull's index, or {} when missing, damaged or made under other rules."""
-    try:
-        index = json.loads((out_dir / INDEX_NAME).read_text(encoding="utf-8"))
-        if index.get("rules") == rules and isinstance(index.get("files"), dict):
-            return index["files"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    return {}
+    results: list[Verdict]
+    index_lines: list[str]
+    kept: list[str]
+    in_place: bool
+    written: list[str]
 
-
-def _write_index(
-    path: Path, rules: dict, files: Sequence[SourceFile], results: Sequence[_Checked]
-) -> None:
-    entries = {
-        _index_key(f): [r.size, r.mtime_ns, r.sha256, r.width, r.height, r.reason, r.copy_mtime_ns]
-        for f, r in zip(files, results, strict=True)
-        if r.size >= 0  # only what was read: "unreadable" and friends are tried again
-    }
-    text = json.dumps({"rules": rules, "files": entries}, separators=(",", ":"))
-    path.write_text(text, encoding="utf-8")
-
-
-def _known(entry: list) -> _Checked | None:
-    """An index entry as a verdict, or None when it is not one (a damaged index)."""
-    try:
-        size, mtime_ns, sha, width, height, reason, copy_mtime_ns = entry
-    except (TypeError, ValueError):
-        return None
-    ints = (size, mtime_ns, width, height, copy_mtime_ns)
-    if not all(type(v) is int for v in ints) or not isinstance(sha, str):
-        return None
-    if reason is not None and not isinstance(reason, str):
-        return None
-    return _Checked(sha, width, height, reason, size, mtime_ns, copy_mtime_ns)
+    def discard(self, out_dir: Path) -> None:
+        """Remove what the checks copied into ``out_dir`` (the pull failed before the swap)."""
+        if not self.in_place:
+            return  # under new/, removed with the pull's temporary folder
+        folders = set()
+        for path in self.written:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(out_dir, path))
+            folders.add(os.path.dirname(path))
+        for folder in sorted(folders, reverse=True):  # a new class's folder, now empty
+            with contextlib.suppress(OSError):
+                os.rmdir(os.path.join(out_dir, folder))
 
 
 def _check_all(
     files: Sequence[SourceFile],
+    keys: Sequence[str],
     params: DataParams,
     new: Path,
     out_dir: Path,
-    index: dict[str, list],
+    index: Mapping[str, str],
     workers: int | None,
-) -> tuple[list[_Checked], list[str]]:
-    """The verdict on every file, in ``files`` order, and the unchanged copies to keep.
+) -> _Plan:
+    """Judge every file; copy the accepted ones that are not unchanged.
 
     Unchanged files (same size and mtime as in the index, copy under ``out_dir`` untouched) are
-    not read: their copy under ``out_dir`` is kept (the paths relative to ``out_dir`` are
-    returned). The rest go to :func:`_check` in worker processes, which copy accepted files
-    under ``new``.
+    not read: their copy under ``out_dir`` is kept, and their index line is the verdict. The
+    rest go to :func:`_check` in worker processes, which copy accepted files. When there are
+    kept copies and none of the rest would overwrite a copy (new files only, not changed
+    ones), the copies go straight into ``out_dir/images``: the current dataset stays whole, as
+    its manifest does not list them yet (see :class:`_Plan`). Else they go under
+    ``new/images``, for a dataset built beside the current one.
+
+    Plain strings throughout: the first loop runs for every file of the source.
     """
-    results: list[_Checked | None] = [None] * len(files)
-    jobs: list[tuple[int, _Job]] = []
+    results: list[Verdict | None] = [None] * len(files)
+    lines: list[str] = []
+    todo: list[tuple[int, str, Verdict | None]] = []  # (index in files, path in images/, known)
     kept: list[str] = []
+    old_images = os.path.join(out_dir, IMAGES_DIR)
     for i, f in enumerate(files):
         if f.problem is not None:
-            results[i] = _Checked(reason=f.problem)
+            results[i] = Verdict(reason=f.problem, uri=f.uri)
             continue
-        rel = os.path.join(IMAGES_DIR, f.label, f.rel)  # plain strings: this loop runs per file
-        entry = index.get(_index_key(f))
-        known = _known(entry) if entry is not None else None
-        if known is not None and (reused := _reuse(f.path, known, os.path.join(out_dir, rel))):
-            results[i] = reused
-            if reused.reason is None:
-                kept.append(rel)
-            continue
-        job = _Job(
-            src=str(f.path),
-            dest=str(new / rel),
-            min_size=params.min_size,
-            max_pixels=params.max_pixels,
-            max_bytes=params.max_bytes,
-            background=tuple(params.background),
-            known=known,
-        )
-        jobs.append((i, job))
-    if reused := sum(r is not None and r.size >= 0 for r in results):
-        log.info("%d file(s) unchanged since the last pull, not read again", reused)
-    for (i, _), result in zip(jobs, _run_checks([j for _, j in jobs], workers), strict=True):
-        results[i] = result
-    return results, kept  # type: ignore[return-value]
+        rel = f"{f.label}/{f.relpath}"
+        line = index.get(keys[i])
+        known = parse_line(line)
+        if known is not None and _unchanged(f.file, known, f"{old_images}/{rel}"):
+            results[i] = known
+            lines.append(line)  # type: ignore[arg-type]
+            if known.reason is None:
+                kept.append(f"{IMAGES_DIR}/{rel}")
+        else:
+            todo.append((i, rel, known))
+    if lines:
+        log.info("%d file(s) unchanged since the last pull, not read again", len(lines))
+    in_place = bool(kept) and not any(os.path.lexists(f"{old_images}/{t[1]}") for t in todo)
+    images = old_images if in_place else os.path.join(new, IMAGES_DIR)
+    written = [f"{IMAGES_DIR}/{rel}" for _, rel, _ in todo] if in_place else []
+    rules = (params.min_size, params.max_pixels, params.max_bytes, tuple(params.background))
+    jobs = [_Job(files[i].file, f"{images}/{rel}", *rules, known=k) for i, rel, k in todo]
+    plan = _Plan(results, lines, kept, in_place, written)  # type: ignore[arg-type]
+    try:
+        for (i, _, _), result in zip(todo, _run_checks(jobs, workers), strict=True):
+            results[i] = result = result._replace(uri=files[i].uri)
+            # only what was read: "unreadable" and friends are tried again
+            if result.size >= 0 and (line := index_line(keys[i], result)) is not None:
+                lines.append(line)
+    except BaseException:
+        plan.discard(out_dir)
+        raise
+    return plan
 
 
-def _reuse(src: Path, known: _Checked, old: str) -> _Checked | None:
-    """``known`` again if ``src`` is unchanged (size, mtime) and its previous copy ``old`` is
-    intact (same size, not modified since); else None."""
+def _unchanged(src: str, known: Verdict, old: str) -> bool:
+    """Whether ``src`` is unchanged since ``known`` (size, mtime) and its previous copy ``old``
+    is intact (same size, not modified since): then ``known`` holds without reading it."""
     try:
         st = os.stat(src)
-        if (st.st_size, st.st_mtime_ns) != (known.size, known.mtime_ns):
-            return None
+        if st.st_size != known.size or st.st_mtime_ns != known.mtime_ns:
+            return False
         if known.reason is not None:
-            return known  # rejected last time, unchanged since: rejected again
+            return True  # rejected last time, unchanged since: rejected again
         ost = os.lstat(old)
-        # The copy must be the very file this pull wrote: same size and mtime (an edited or
-        # replaced copy is read again from the source).
-        if not stat.S_ISREG(ost.st_mode) or (ost.st_size, ost.st_mtime_ns) != (
-            known.size,
-            known.copy_mtime_ns,
-        ):
-            return None
     except OSError:
-        return None
-    return known
-
-
-def _replaces_a_copy(new: Path, out_dir: Path) -> bool:
-    """Whether a file checked this time would overwrite a copy the current dataset holds (a
-    changed source file): then the dataset is rebuilt beside the old one, not updated in it."""
-    for dirpath, _, names in os.walk(new / IMAGES_DIR):
-        rel = os.path.relpath(dirpath, new)
-        if any(os.path.lexists(os.path.join(out_dir, rel, n)) for n in names):
-            return True
-    return False
+        return False
+    # The copy must be the very file this pull wrote: same size and mtime (an edited or
+    # replaced copy is read again from the source).
+    return (
+        stat.S_ISREG(ost.st_mode)
+        and ost.st_size == known.size
+        and ost.st_mtime_ns == known.copy_mtime_ns
+    )
 
 
 def _link_copies(kept: Sequence[str], out_dir: Path, new: Path) -> None:
@@ -520,36 +548,58 @@ def _link_copies(kept: Sequence[str], out_dir: Path, new: Path) -> None:
             shutil.copy2(os.path.join(out_dir, rel), dest)
 
 
+_MANIFEST_HEADER = ",".join(MANIFEST_COLUMNS) + "\n"
+
+
+def _manifest_line(path: str, label: str, res: Verdict) -> str:
+    """One manifest row as CSV text, the columns of MANIFEST_COLUMNS; what ``csv`` writes."""
+    line = f"{path},{label},{res.sha256},{res.width},{res.height},{res.uri}\n"
+    # Most rows need no quoting: then the fields joined by commas are the CSV (checked once,
+    # on the whole line, instead of per field by the csv module).
+    if line.count(",") == 5 and line.count("\n") == 1 and '"' not in line and "\r" not in line:
+        return line
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow(
+        (path, label, res.sha256, res.width, res.height, res.uri)
+    )
+    return buf.getvalue()
+
+
+def _write_manifest(path: Path, rows: Sequence[tuple[str, str, str]]) -> None:
+    """The manifest from :func:`_collect`'s rows (it lies in the pull's temporary folder until
+    the swap, so a plain write is enough)."""
+    path.write_text(
+        _MANIFEST_HEADER + "".join(row[2] for row in rows), encoding="utf-8", newline=""
+    )
+
+
 def _collect(
-    files: Sequence[SourceFile], results: Sequence[_Checked], new: Path
-) -> tuple[list[dict], list[dict[str, str]]]:
-    """Manifest rows and rejections, in ``files`` order; drops duplicate copies from ``new``."""
-    rows: list[dict] = []
+    files: Sequence[SourceFile], results: Sequence[Verdict]
+) -> tuple[list[tuple[str, str, str]], list[dict[str, str]], Counter[str], list[str]]:
+    """Manifest rows, rejections (in ``files`` order), rejections per class, and the paths of
+    accepted files dropped as duplicates of an earlier one.
+
+    A row is ``(label, path, CSV line)``; rows come sorted by label, then path.
+    """
+    rows: list[tuple[str, str, str]] = []
     rejected: list[dict[str, str]] = []
-    first_seen: dict[str, dict] = {}
+    rejected_labels: list[str] = []
+    first_seen: dict[str, str] = {}  # sha256 -> path
+    dropped: list[str] = []
     for f, res in zip(files, results, strict=True):
-        path = f"{IMAGES_DIR}/{f.label}/{f.rel.as_posix()}"
         reason = res.reason
-        if reason is None and res.sha256 in first_seen:
-            first = first_seen[res.sha256]
-            reason = f"duplicate: same bytes as {first['path']}"
-            # a kept copy is not under new/: the in-place update removes it with the unlisted
-            (new / path).unlink(missing_ok=True)
-        if reason is not None:
-            rejected.append({"source": f.uri, "reason": reason})
-            continue
-        row = {
-            "path": path,
-            "label": f.label,
-            "sha256": res.sha256,
-            "width": res.width,
-            "height": res.height,
-            "source": f.uri,
-        }
-        first_seen[res.sha256] = row
-        rows.append(row)
-    rows.sort(key=lambda r: (r["label"], r["path"]))
-    return rows, rejected
+        if reason is None:
+            path = f"{IMAGES_DIR}/{f.label}/{f.relpath}"
+            first = first_seen.setdefault(res.sha256, path)
+            if first is path:  # the first file with these bytes
+                rows.append((f.label, path, _manifest_line(path, f.label, res)))
+                continue
+            reason = f"duplicate: same bytes as {first}"
+            dropped.append(path)
+        rejected.append({"source": res.uri, "reason": reason})
+        rejected_labels.append(f.label)
+    rows.sort()
+    return rows, rejected, Counter(rejected_labels), dropped
 
 
 def _reason_kind(reason: str) -> str:
@@ -557,13 +607,11 @@ def _reason_kind(reason: str) -> str:
 
 
 def _summarise(
-    files: Sequence[SourceFile],
     classes: Sequence[str],
     kept: Counter[str],
     rejected: Sequence[dict[str, str]],
+    rejected_per_class: Counter[str],
 ) -> None:
-    by_uri = {f.uri: f.label for f in files}
-    rejected_per_class = Counter(by_uri[r["source"]] for r in rejected)
     log.info("kept %d image(s), rejected %d", sum(kept.values()), len(rejected))
     for label in classes:
         log.info("  %-24s kept %5d  rejected %5d", label, kept[label], rejected_per_class[label])
@@ -628,51 +676,50 @@ def _too_few_classes(
     )
 
 
-def _update_in_place(new: Path, backup: Path, out_dir: Path, listed: set[str]) -> None:
-    """Move the files checked this time into ``out_dir/images`` beside the kept copies, swap
-    in the manifest, then remove the copies it no longer lists.
-
-    Every moved file has a name the current dataset does not use (see _replaces_a_copy), so
-    until the manifest is replaced the previous dataset stays whole; a failure removes what was
-    moved in. A kill in between leaves only files the manifest does not list, which the next
-    pull removes (and ``dataset_problem`` reports).
-    """
+def _swap_files(new: Path, backup: Path, out_dir: Path) -> None:
+    """Replace the manifest, rejections and index in ``out_dir`` with those under ``new``, all
+    or none: a failure restores the previous ones."""
     backup.mkdir()
-    images = out_dir / IMAGES_DIR
     undo: list[tuple[Path, Path | None]] = []
-    made: list[Path] = []
     try:
-        for dirpath, _, names in os.walk(new / IMAGES_DIR):
-            target_dir = out_dir / os.path.relpath(dirpath, new)
-            if not target_dir.is_dir():
-                target_dir.mkdir(parents=True)
-                made.append(target_dir)
-            for name in names:
-                undo.append((target_dir / name, None))
-                os.replace(os.path.join(dirpath, name), target_dir / name)
         _replace_files(new, backup, out_dir, undo)
     except BaseException:
         _restore(undo)
-        for folder in reversed(made):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
         raise
-    for dirpath, _, names in os.walk(images, topdown=False):
-        rel = os.path.relpath(dirpath, out_dir)
-        for name in names:
-            if os.path.join(rel, name).replace(os.sep, "/") not in listed:
+
+
+def _remove_unlisted(out_dir: Path, listed: set[str]) -> None:
+    """Remove the files under ``out_dir/images`` whose path (relative to ``out_dir``) is not in
+    ``listed``, and the folders left empty.
+
+    Names and set differences, not a stat per file: the folders hold the whole dataset.
+    """
+    folders = [IMAGES_DIR]
+    todo = [IMAGES_DIR]
+    while todo:
+        folder = todo.pop()
+        try:
+            names = os.listdir(os.path.join(out_dir, folder))
+        except OSError:
+            continue
+        for path in {f"{folder}/{name}" for name in names} - listed:
+            full = os.path.join(out_dir, path)
+            if os.path.isdir(full) and not os.path.islink(full):
+                folders.append(path)
+                todo.append(path)
+            else:
                 with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(dirpath, name))
-        if dirpath != str(images):
-            with contextlib.suppress(OSError):
-                os.rmdir(dirpath)  # only when empty
+                    os.unlink(full)
+    for folder in sorted(folders[1:], reverse=True):  # deepest first
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.join(out_dir, folder))  # only when empty
 
 
 def _replace_files(
     new: Path, backup: Path, out_dir: Path, undo: list[tuple[Path, Path | None]]
 ) -> None:
     # The manifest goes after the images: it names the dataset, so it must not move ahead of
-    # them. The index last: a stale one only costs a full check (see _reuse).
+    # them. The index last: a stale one only costs a full check (see _unchanged).
     for name in (REJECTED_NAME, MANIFEST_NAME, INDEX_NAME):
         target = out_dir / name
         if target.exists():

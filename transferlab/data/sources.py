@@ -7,11 +7,11 @@ Listing only looks at names; whether a file really is a usable image is decided 
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
+import operator
 import os
-from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import NamedTuple
 
 from transferlab.config import (
     FashionMnistSource,
@@ -43,29 +43,51 @@ TUXPAINT_HINT = (
 )
 
 
-@dataclass(frozen=True)
-class SourceFile:
+class SourceFile(NamedTuple):
     """One candidate image.
 
+    Plain strings, not path objects: a pull handles one of these for every file of the source,
+    and for an unchanged file building path objects cost more than the rest of its work.
+    ``path`` and ``rel`` give the path objects when wanted.
+
     Attributes:
-        path: absolute path of the file.
+        file: absolute path of the file.
         label: its class.
-        rel: its path inside the class, used as ``images/<label>/<rel>`` in the dataset.
-        origin: where it came from when that is not ``path`` (an S3 or HTTP URI, an IDX record).
+        relpath: its ``/``-separated path inside the class, used as
+            ``images/<label>/<relpath>`` in the dataset.
+        origin: where it came from when that is not ``file`` (an S3 or HTTP URI, an IDX record).
         problem: why the file is refused without being read (a symlink out of the source, a
             name no sink accepts); it then appears in ``rejected.json`` with this reason.
     """
 
-    path: Path
+    file: str
     label: str
-    rel: PurePosixPath
+    relpath: str
     origin: str = ""
     problem: str | None = None
 
-    @functools.cached_property  # asked for several times per file; as_uri is slow
+    @property
+    def path(self) -> Path:
+        """``file`` as a path."""
+        return Path(self.file)
+
+    @property
+    def rel(self) -> PurePosixPath:
+        """``relpath`` as a path."""
+        return PurePosixPath(self.relpath)
+
+    @property
     def uri(self) -> str:
         """URI of the original, as recorded in the manifest: ``origin`` or ``file://`` path."""
-        return self.origin or self.path.as_uri()
+        return self.origin or Path(self.file).as_uri()
+
+
+def _source_file(path: Path, label: str, rel: PurePosixPath, **kw) -> SourceFile:
+    """A :class:`SourceFile` from path objects (the listers of fetched or converted files)."""
+    return SourceFile(str(path), label, rel.as_posix(), **kw)
+
+
+_BY_NAME = operator.attrgetter("label", "relpath")  # the order of every listing
 
 
 def list_source(source, scratch: Path | None = None) -> tuple[list[SourceFile], list[str]]:
@@ -131,12 +153,14 @@ def _walk_entries(
         except OSError:
             continue  # unreadable folder: like os.walk, nothing to list
         for e in entries:
-            if is_junk(e.name):
+            name = e.name
+            if is_junk(name):
                 continue
             if e.is_dir(follow_symlinks=False):
-                if e.name.lower() not in skip_dirs:
+                if name.lower() not in skip_dirs:
                     stack.append(e.path)
-            elif os.path.splitext(e.name)[1].lower() in extensions:
+            # the extension (os.path.splitext costs more than the rest of this loop)
+            elif name[name.rfind(".") :].lower() in extensions:
                 found.append((e.path, e.is_symlink()))
     found.sort()
     return found
@@ -168,16 +192,15 @@ def _list_folder(
         outside = _outside(entry, root)
         if outside:
             # Not walked at all: a class folder linked elsewhere would import that folder.
-            rel = PurePosixPath(entry.name)
-            files.append(SourceFile(entry, label, rel, origin=origin, problem=outside))
+            files.append(SourceFile(str(entry), label, entry.name, origin, outside))
             continue
         cut = len(str(entry)) + 1
         for name, is_link in _walk_entries(entry, IMAGE_EXTENSIONS):
-            path, rel = Path(name), PurePosixPath(name[cut:])
+            rel = name[cut:]
             where = f"{origin}#{entry.name}/{rel}" if origin else ""
-            problem = _outside(path, root) if is_link else None
-            files.append(SourceFile(path, label, rel, origin=where, problem=problem))
-    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+            problem = _outside(Path(name), root) if is_link else None
+            files.append(SourceFile(name, label, rel, where, problem))
+    files.sort(key=_BY_NAME)
     if loose:
         log.info(
             "ignored %d file(s) at the top of %s: images must sit in a class folder", loose, root
@@ -219,9 +242,9 @@ def _list_tuxpaint(source: TuxpaintSource) -> tuple[list[SourceFile], list[str]]
                 if any(part in path.stem for part in TUXPAINT_SKIP_NAME_PARTS):
                     continue
                 # Relative to the stamps root, so two subfolders of one class cannot collide.
-                rel = PurePosixPath(path.relative_to(root).as_posix())
-                files.append(SourceFile(path=path, label=label, rel=rel))
-    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+                rel = path.relative_to(root).as_posix()
+                files.append(SourceFile(str(path), label, rel))
+    files.sort(key=_BY_NAME)
     return files, sorted(source.classes)
 
 
@@ -269,10 +292,8 @@ def _list_manifest(source: ManifestSource) -> tuple[list[SourceFile], list[str]]
             continue
         seen.add((label, p.as_posix()))
         path = base / p
-        files.append(
-            SourceFile(path=path, label=label, rel=p, problem=_outside(path, base, deep=True))
-        )
-    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+        files.append(_source_file(path, label, p, problem=_outside(path, base, deep=True)))
+    files.sort(key=_BY_NAME)
     return files, sorted(labels)
 
 
@@ -317,8 +338,8 @@ def _list_idx(
         ):
             index = int(rel.stem.rsplit("-", 1)[1])
             origin = f"{images_path.as_uri()}#{index}"
-            files.append(SourceFile(path=path, label=label, rel=rel, origin=origin))
-    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+            files.append(_source_file(path, label, rel, origin=origin))
+    files.sort(key=_BY_NAME)
     return files, sorted(classes)
 
 
@@ -343,7 +364,7 @@ def _fashion_mnist_download(
         got, names = _list_torchvision(tv, scratch, prefix=split)
         files += got
         classes.update(names)
-    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+    files.sort(key=_BY_NAME)
     return files, sorted(classes)
 
 
@@ -358,15 +379,15 @@ def _list_torchvision(
         ds, scratch, prefix=prefix or source.split, per_class=source.per_class
     )
     files = [
-        SourceFile(
-            path=path,
-            label=label,
-            rel=rel,
+        _source_file(
+            path,
+            label,
+            rel,
             origin=f"torchvision://{source.name}/{source.split}#{rel.stem.rsplit('-', 1)[1]}",
         )
         for path, label, rel in written
     ]
-    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+    files.sort(key=_BY_NAME)
     return files, sorted({f.label for f in files})
 
 
@@ -388,23 +409,14 @@ def _list_s3(source: S3Source) -> tuple[list[SourceFile], list[str]]:
     result = sync_prefix(source)
     bucket, _ = parse_url(source.url)
     files = [
-        SourceFile(
-            path=result.root / o.label / o.rel,
-            label=o.label,
-            rel=o.rel,
-            origin=f"s3://{bucket}/{o.key}",
-        )
+        _source_file(result.root / o.label / o.rel, o.label, o.rel, origin=f"s3://{bucket}/{o.key}")
         for o in result.objects
     ]
     files += [
-        SourceFile(
-            path=result.root,
-            label="",
-            rel=PurePosixPath(),
-            origin=f"s3://{bucket}/{key}",
-            problem=reason,
+        _source_file(
+            result.root, "", PurePosixPath(), origin=f"s3://{bucket}/{key}", problem=reason
         )
         for key, reason in result.refused
     ]
-    files.sort(key=lambda f: (f.label, f.rel.as_posix()))
+    files.sort(key=_BY_NAME)
     return files, result.classes

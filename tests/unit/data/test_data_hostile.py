@@ -205,12 +205,20 @@ def test_pull_does_not_import_torch(tmp_path):
     assert (tmp_path / "data" / "manifest.csv").is_file()
 
 
+def _damage_fields(text: str) -> str:
+    """Every entry's fields replaced by ones of the wrong kind, under the right header."""
+    header, *lines = text.split("\n")
+    return "\n".join([header] + [line.split("\t")[0] + "\tx\t\t3\tw\t[]\t5\t{}" for line in lines])
+
+
 @pytest.mark.parametrize(
     "damage",
     [
-        "not json",
-        json.dumps({"rules": "x", "files": {}}),
-        None,  # entries of the wrong shape and types, under the right rules
+        lambda text: "not an index",
+        lambda text: "\ufffd" + text,  # another header
+        lambda text: text.encode("utf-8") + b"\xff\xfe",  # not UTF-8
+        lambda text: text.replace("\t", " "),  # lines without fields
+        _damage_fields,
     ],
 )
 def test_a_damaged_index_only_costs_a_full_check(tmp_path, damage):
@@ -218,12 +226,77 @@ def test_a_damaged_index_only_costs_a_full_check(tmp_path, damage):
     out = tmp_path / "out"
     pull_dataset(_params(src), out, workers=1)
     manifest = (out / "manifest.csv").read_bytes()
-    index = out / "pull-index.json"
-    if damage is None:
-        data = json.loads(index.read_text())
-        data["files"] = {k: ["x", None, 3, "w", [], 5, {}] for k in data["files"]}
-        damage = json.dumps(data)
-    index.write_text(damage)
+    index = out / "pull-index.tsv"
+    damaged = damage(index.read_text(encoding="utf-8"))
+    index.write_bytes(damaged if isinstance(damaged, bytes) else damaged.encode("utf-8"))
     pull_dataset(_params(src), out, workers=1)
     assert (out / "manifest.csv").read_bytes() == manifest
     assert dataset_problem(out) is None
+    assert (out / "pull-index.tsv").read_text(encoding="utf-8").count("\n") == 6  # rebuilt
+
+
+def test_the_index_is_trusted_only_for_unchanged_files(tmp_path):
+    """A second pull reads no unchanged file: proven by an index that lies about two files'
+    widths (a full check would correct them). A changed source file is read again."""
+    src = _source(tmp_path / "src")
+    out = tmp_path / "out"
+    pull_dataset(_params(src), out, workers=1)
+    index = out / "pull-index.tsv"
+    lines = index.read_text(encoding="utf-8").split("\n")
+    for k, line in enumerate(lines[1:], start=1):
+        fields = line.split("\t")
+        if fields[0].startswith(("cats/0.png|", "cats/1.png|")):
+            fields[4] = "41"  # width
+            lines[k] = "\t".join(fields)
+    index.write_text("\n".join(lines), encoding="utf-8")
+    (src / "cats" / "1.png").write_bytes(png((40, 40), seed=55))
+    pull_dataset(_params(src), out, workers=1)
+    widths = {row["path"]: row["width"] for row in read_manifest(out / "manifest.csv")}
+    assert widths["images/cats/0.png"] == 41  # unchanged: not read
+    assert widths["images/cats/1.png"] == 40  # changed: read and decoded again
+
+
+def test_an_edited_copy_is_read_again(tmp_path):
+    """A copy under images/ changed in place (same inode, same size) is not trusted."""
+    src = _source(tmp_path / "src")
+    out = tmp_path / "out"
+    pull_dataset(_params(src), out, workers=1)
+    copy = out / "images" / "dogs" / "1.png"
+    good = copy.read_bytes()
+    with open(copy, "r+b") as f:
+        f.write(bytes(len(good)))
+    pull_dataset(_params(src), out, workers=1)
+    assert copy.read_bytes() == good
+    assert dataset_problem(out) is None
+
+
+def test_files_left_in_images_by_a_killed_pull_are_replaced_or_removed(tmp_path):
+    """A killed pull may leave copies of new files under images/ (they go there before the
+    manifest names them): the next pull neither trusts nor keeps them."""
+    src = _source(tmp_path / "src")
+    out = tmp_path / "out"
+    pull_dataset(_params(src), out, workers=1)
+    (src / "dogs" / "new.png").write_bytes(png((40, 40), seed=77))
+    (out / "images" / "dogs" / "new.png").write_bytes(b"half a copy")
+    (out / "images" / "dogs" / "gone.png").write_bytes(b"a file the source no longer has")
+    (out / "images" / "birds").mkdir()
+    (out / "images" / "birds" / "x.png").write_bytes(b"a class the source does not have")
+    assert "not in" in dataset_problem(out)
+    pull_dataset(_params(src), out, workers=1)
+    assert (out / "images/dogs/new.png").read_bytes() == (src / "dogs/new.png").read_bytes()
+    assert not (out / "images" / "birds").exists()
+    assert dataset_problem(out) is None
+    # and when only unlisted files are left (no new file to copy): the same
+    (out / "images" / "dogs" / "gone.png").write_bytes(b"stray")
+    pull_dataset(_params(src), out, workers=1)
+    assert dataset_problem(out) is None
+
+
+def test_an_index_from_an_older_version_is_removed(tmp_path):
+    src = _source(tmp_path / "src")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "pull-index.json").write_text("{}")
+    pull_dataset(_params(src), out, workers=1)
+    assert not (out / "pull-index.json").exists()
+    assert (out / "pull-index.tsv").is_file()

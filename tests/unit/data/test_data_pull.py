@@ -123,7 +123,7 @@ def test_failure_while_building_keeps_previous_outputs(
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(pull_mod, "write_csv_atomic", boom)
+    monkeypatch.setattr(pull_mod, "_write_manifest", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         pull_dataset(messy.params(), out, workers=1)
     assert _outputs(out) == before
@@ -131,30 +131,55 @@ def test_failure_while_building_keeps_previous_outputs(
 
 
 @pytest.mark.parametrize("fail_on", ["images", "rejected.json", "manifest.csv"])
+@pytest.mark.parametrize("change", ["add", "edit"])
 def test_failure_while_swapping_restores_previous_outputs(
-    messy, tmp_path: Path, gen, monkeypatch, fail_on: str
+    messy, tmp_path: Path, gen, monkeypatch, fail_on: str, change: str
 ) -> None:
+    """Added files are copied straight into images/ (under names the dataset does not use);
+    an edited one makes the pull build the dataset beside the old one and swap it in."""
     out = tmp_path / "out"
     pull_dataset(messy.params(), out)
     before = _outputs(out)
     (messy.root / "cats" / "good.png").unlink()
     messy.add("dogs/rex.jpg", gen.jpeg(seed=99))
+    messy.add("dogs/rex2.jpg", gen.jpeg(seed=98))
+    if change == "edit":
+        edited = next(p for p in (messy.root / "cats").iterdir() if p.suffix == ".png")
+        assert f"images/cats/{edited.name}" in before
+        edited.write_bytes(gen.png((40, 40), seed=97))
 
-    real_replace = os.replace
+    if fail_on == "images" and change == "add":
+        real_write = pull_mod._write
+        writes = []
 
-    def flaky_replace(src, dst, *args, **kwargs):
-        # Fail when the new version is being put in place, after earlier moves succeeded
-        # (images/ as a whole, or, when the pull updates it in place, a new file into it).
-        if Path(dst).is_relative_to(out / fail_on) and "/new/" in str(src):
-            raise OSError("simulated crash")
-        return real_replace(src, dst, *args, **kwargs)
+        def flaky_write(path, data):
+            # the second new file: the first is already in images/
+            writes.append(path)
+            if len(writes) == 2:
+                raise OSError("simulated crash")
+            real_write(path, data)
 
-    monkeypatch.setattr(pull_mod.os, "replace", flaky_replace)
+        monkeypatch.setattr(pull_mod, "_write", flaky_write)
+    else:
+        real_replace = os.replace
+
+        def flaky_replace(src, dst, *args, **kwargs):
+            # Fail when the new version is being put in place, after earlier moves succeeded.
+            if Path(dst).is_relative_to(out / fail_on) and "/new/" in str(src):
+                raise OSError("simulated crash")
+            return real_replace(src, dst, *args, **kwargs)
+
+        monkeypatch.setattr(pull_mod.os, "replace", flaky_replace)
     with pytest.raises(OSError, match="simulated crash"):
         pull_dataset(messy.params(), out, workers=1)
     monkeypatch.undo()
     assert _outputs(out) == before
     assert _no_temp_left(out)
+    assert pull_mod.dataset_problem(out) is None
+    # and the next pull gets there
+    pull_dataset(messy.params(), out, workers=1)
+    assert "images/dogs/rex2.jpg" in _outputs(out)
+    assert pull_mod.dataset_problem(out) is None
 
 
 def test_failed_first_run_leaves_nothing(messy, tmp_path: Path, monkeypatch) -> None:
@@ -239,3 +264,25 @@ def test_empty_and_small_classes_are_named_with_what_to_do(messy, tmp_path: Path
         again = pull_dataset(messy.params(), tmp_path / "out2", min_per_class=1)
     assert again.small == {}
     assert not any("too few" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize(
+    "label, uri",
+    [
+        ("cats", "file:///data/cats/a.png"),
+        ("a,b", "file:///data/a%2Cb/x.png"),
+        ('say "cheese"', 's3://bucket/say "cheese"/x.png'),
+        ("cats", "https://example.org/a.tar.gz#cats/x,y.png"),
+        ("cr\rlf\n", "file:///x"),
+        ("Crème brûlée", "file:///data/Cr%C3%A8me/x.png"),
+    ],
+)
+def test_manifest_rows_are_what_csv_writes(label, uri) -> None:
+    import csv
+    import io
+
+    path = f"images/{label}/x.png"
+    verdict = pull_mod.Verdict(sha256="ab" * 32, width=40, height=30, uri=uri)
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerow((path, label, "ab" * 32, 40, 30, uri))
+    assert pull_mod._manifest_line(path, label, verdict) == buf.getvalue()
