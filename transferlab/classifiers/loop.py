@@ -336,7 +336,12 @@ def fit(
         else:
             stale += 1
             if stale >= patience:
-                log.info("%s: early stop at epoch %d (best %d)", name, epoch, best["epoch"])
+                log.info(  # epochs counted from 1, as in the bars and the "kept epoch" line
+                    "%s: early stop after epoch %d (best: epoch %d)",
+                    name,
+                    epoch + 1,
+                    best["epoch"] + 1,
+                )
                 stopped = True
         if checkpoint is not None and distributed.is_main():
             atomic_torch_save(
