@@ -206,6 +206,19 @@ _SERVE_THEN_MARK = textwrap.dedent(
 )
 
 
+_FLOW_ON_GIVEN_API = textwrap.dedent(
+    """
+    import sys
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from transferlab_flows.pipeline import pipeline
+
+    url = sys.stdin.readline().strip()
+    with temporary_settings({PREFECT_API_URL: url}):
+        pipeline(params_path="params.yaml", workdir=sys.argv[1])
+    """
+)
+
+
 def _killed_mid_pull(here: Path, env: dict, tiny_dataset: Path) -> dict:
     """A real `transferlab run` flow killed with SIGKILL while its pull task waits on an HTTP
     server that never answers; then the next run's marking, against the same Prefect server."""
@@ -223,6 +236,17 @@ def _killed_mid_pull(here: Path, env: dict, tiny_dataset: Path) -> dict:
         "timeout": 600,
     }
     write_workspace(here, tiny_params(tiny_dataset, data={"source": source, "min_size": 16}))
+    # the flow's process imports while the server starts, then runs against it
+    log = here / "flow.log"
+    flow = subprocess.Popen(
+        [sys.executable, "-c", _FLOW_ON_GIVEN_API, str(here)],
+        cwd=here,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=open(log, "w"),  # noqa: SIM115 - the child owns it
+        text=True,
+    )
     server = subprocess.Popen(
         [sys.executable, "-c", _SERVE_THEN_MARK, str(here.resolve())],
         env=env,
@@ -230,18 +254,11 @@ def _killed_mid_pull(here: Path, env: dict, tiny_dataset: Path) -> dict:
         stdout=subprocess.PIPE,
         text=True,
     )
-    flow = None
     try:
         url = server.stdout.readline().strip()
         assert url.startswith("http://127.0.0.1:"), url
-        log = here / "flow.log"
-        flow = subprocess.Popen(
-            [sys.executable, "-m", "transferlab_flows.pipeline", "--workdir", str(here)],
-            cwd=here,
-            env={**env, "PREFECT_API_URL": url},
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "w"),  # noqa: SIM115 - the child owns it
-        )
+        flow.stdin.write(url + "\n")
+        flow.stdin.flush()
         conn = None
         while conn is None:  # the pull task connects: the flow run is RUNNING
             try:
@@ -257,7 +274,7 @@ def _killed_mid_pull(here: Path, env: dict, tiny_dataset: Path) -> dict:
     finally:
         listener.close()
         for proc in (flow, server):
-            if proc is not None and proc.poll() is None:
+            if proc.poll() is None:
                 proc.kill()
                 proc.wait()
 
