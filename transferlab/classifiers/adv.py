@@ -171,6 +171,7 @@ def run(params, root: Path) -> dict:
             "attack_steps_per_batch": ap.steps + (1 if ap.loss == "trades" else 0),
             "val_robust_acc": kept.get("val_acc"),
             "train_eps": ap.eps,
+            "trained_parameters": res.trained_parameters,  # the results table's "params"
         }
 
     return run_trials(
