@@ -32,8 +32,9 @@ class CorruptFileError(RuntimeError):
     """A torch file that cannot be read (truncated, overwritten, not a torch file)."""
 
 
-def load(path: Path | str, *, map_location: Any = "cpu") -> Any:
-    """Read a torch file with the restricted unpickler.
+def load(path: Path | str, *, map_location: Any = "cpu", mmap: bool = False) -> Any:
+    """Read a torch file with the restricted unpickler (``mmap``: map the tensors' storage
+    instead of reading it: processes that map one file share its pages).
 
     Raises:
         UnsafeFileError: the file names Python objects beyond tensors and plain data (a pickled
@@ -43,7 +44,7 @@ def load(path: Path | str, *, map_location: Any = "cpu") -> Any:
     """
     path = Path(path)
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as exc:
         raise UnsafeFileError(
             f"refusing to load {path}: it holds Python objects, not just tensors (loading it "

@@ -222,7 +222,7 @@ def computed_once(path: Path, compute: Callable[[], dict[str, Tensor]]) -> dict[
         path.parent.mkdir(parents=True, exist_ok=True)
         tensor_files.save(compute(), path)
     barrier()
-    value = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    value = tensor_files.load(path, mmap=True)
     barrier()
     if local_rank() == 0:
         path.unlink(missing_ok=True)  # the maps keep their pages
