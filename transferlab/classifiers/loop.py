@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from transferlab import tensor_files
 from transferlab.classifiers import distributed
-from transferlab.classifiers.training import atomic_torch_save
+from transferlab.classifiers.training import atomic_torch_save, augment_batch
 from transferlab.progress import Throttle, progress, show_fit
 
 log = logging.getLogger(__name__)
@@ -126,17 +126,6 @@ def remove_stale_saves(checkpoint: Path) -> None:
     for tmp in checkpoint.parent.glob(f".{checkpoint.name}.*.tmp"):
         log.info("removing %s, left by an interrupted checkpoint save", tmp)
         tmp.unlink(missing_ok=True)
-
-
-def augment_images(x: Tensor, transform: Callable[[Tensor], Tensor], seeds: Tensor) -> Tensor:
-    """Each image of (B, C, H, W) ``x`` through ``transform`` (which draws from torch's global
-    CPU generator, as torchvision's do) with its own seed from (B,) ``seeds``; clamped to [0, 1].
-    Per image: a batch call would give every image the same crop."""
-    out = []
-    for img, s in zip(x, seeds.tolist(), strict=True):
-        torch.default_generator.manual_seed(s)
-        out.append(transform(img))
-    return torch.stack(out).clamp_(0.0, 1.0) if out else x
 
 
 def fit(
@@ -264,7 +253,7 @@ def fit(
                 if len(idx):
                     x, y = x_train[idx], y_train[idx]
                     if augment is not None:
-                        x = augment_images(x, augment, image_seeds[mine])
+                        x = augment_batch(x, augment, image_seeds[mine])
                     torch.manual_seed(int(step_seeds[b]) + distributed.rank())
                     loss, logits = step(x, y)
                     optimizer.zero_grad(set_to_none=True)

@@ -4,7 +4,7 @@ precision, accuracy and atomic checkpoints."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from pathlib import Path
 
@@ -116,9 +116,19 @@ def augmentation(size: int) -> T.Compose:
     )
 
 
-def augment_batch(x01: Tensor, transform: T.Compose) -> Tensor:
-    """Per-image augmentation (a batch call would give every image the same crop)."""
-    return torch.stack([transform(img) for img in x01]).clamp_(0.0, 1.0)
+def augment_batch(
+    x01: Tensor, transform: Callable[[Tensor], Tensor], seeds: Tensor | None = None
+) -> Tensor:
+    """Each image of (B, C, H, W) ``x01`` through ``transform``, clamped to [0, 1]. Per image:
+    a batch call would give every image the same crop. With (B,) ``seeds``, torch's global CPU
+    generator (which torchvision's transforms draw from) is seeded with each image's own seed
+    first, so an image gets the same crop whichever rank trains it (the loop's use)."""
+    out = []
+    for i, img in enumerate(x01):
+        if seeds is not None:
+            torch.default_generator.manual_seed(int(seeds[i]))
+        out.append(transform(img))
+    return torch.stack(out).clamp_(0.0, 1.0) if out else x01
 
 
 def resize_to(x01: Tensor, size: int | None) -> Tensor:
