@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -18,7 +20,10 @@ REPO = Path(__file__).resolve().parents[1]
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="transferlab-prefect-"))
+if "PREFECT_HOME" not in os.environ:
+    # A session's Prefect home is ~5 MB; hundreds of leaked ones filled CI's disk.
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="transferlab-prefect-")
+    atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 
 
