@@ -176,6 +176,18 @@ def _ship_section(results: dict | None) -> str:
         if ship["ties"]
         else ""
     )
+    robust = ship.get("for_robustness")
+    if robust:
+        m, methods = robust["method"], ship["methods"]
+        cost = robust["clean_cost"]
+        head += (
+            f"<p><b>Need robustness? Ship <code>{_esc(m)}</code></b>: robust accuracy "
+            f"{_acc(methods[m]['robust'])} under {_esc(under)} against "
+            f"{_acc(methods[ship['recommended']]['robust'])} for {_esc(ship['recommended'])} "
+            f"(significantly higher, {_esc(robust['test'])})"
+            + (f", for a clean accuracy cost of {cost:.3f}" if cost is not None else "")
+            + ".</p>"
+        )
 
     def cells(e: dict, kind: str) -> str:
         versus = e[f"{kind}_vs_best"]

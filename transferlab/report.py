@@ -14,15 +14,28 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def plot_robustness(rows: list[dict], out: Path) -> Path:
-    """Robust accuracy against eps (in 1/255 units), one line per model and attack."""
+    """Robust accuracy against eps (in 1/255 units), one line per model and attack: the colour
+    says the model, the line style and marker the attack (twelve lines would run out of the
+    colour cycle, and two curves in one colour read as one model)."""
     fig, ax = plt.subplots(figsize=(8, 4), dpi=120)
-    series: dict[str, list[dict]] = {}
+    series: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        series.setdefault(f"{r['model']} / {r['attack']}", []).append(r)
-    for label, pts in sorted(series.items()):
+        series.setdefault((r["model"], r["attack"]), []).append(r)
+    models = sorted({m for m, _ in series}, key=[r["model"] for r in rows].index)
+    attacks = sorted({a for _, a in series}, key=[r["attack"] for r in rows].index)
+    colours = plt.get_cmap("tab10")
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v", "P"]
+    for (model, attack), pts in series.items():
         pts = sorted(pts, key=lambda r: r["eps"])
+        i, j = models.index(model), attacks.index(attack)
         ax.plot(
-            [p["eps"] * 255 for p in pts], [p["robust_acc"] for p in pts], marker="o", label=label
+            [p["eps"] * 255 for p in pts],
+            [p["robust_acc"] for p in pts],
+            color=colours(i % 10),
+            linestyle=styles[j % len(styles)],
+            marker=markers[j % len(markers)],
+            label=f"{model} / {attack}",
         )
     ax.set_xlabel("eps (x / 255, L-inf, pixel space)")
     ax.set_ylabel("robust accuracy")

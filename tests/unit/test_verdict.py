@@ -85,3 +85,24 @@ def test_the_html_opens_with_the_verdict_and_the_gate():
     assert "pgd" in page and "[0." in page  # the attack and the intervals are shown
     assert "keep" in page and "not significantly better" in page
     assert "transferlab run" in _ship_section(None)
+
+
+def test_a_robust_method_that_loses_on_clean_is_named_for_robustness():
+    # adv: clean 42/60 (significantly below svm's 58) but 25/60 robust against 0
+    metrics = {"svm": method(58, 0.5), "adv": method(42, 60.0)}
+    ship = what_to_ship(metrics, attack({"svm": {"pgd": 0}, "adv": {"pgd": 25}}), GATE)
+    assert ship["recommended"] == "svm"
+    assert ship["methods"]["adv"]["robust_vs_best"] == "best"
+    assert ship["methods"]["svm"]["robust_vs_best"] == "loss"
+    robust = ship["for_robustness"]
+    assert robust["method"] == "adv"
+    assert robust["robust_gain"] == 25 / N and abs(robust["clean_cost"] - 16 / N) < 1e-12
+    page = _ship_section({"ship": ship})
+    assert "Need robustness? Ship <code>adv</code>" in page and "0.267" in page
+
+
+def test_no_robust_alternative_when_the_pick_is_as_robust():
+    metrics = {"svm": method(58, 0.5), "adv": method(42, 60.0)}
+    ship = what_to_ship(metrics, attack({"svm": {"pgd": 20}, "adv": {"pgd": 22}}), GATE)
+    assert ship["for_robustness"] is None
+    assert "Need robustness" not in _ship_section({"ship": ship})
