@@ -21,8 +21,8 @@ def plot_robustness(rows: list[dict], out: Path) -> Path:
     series: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
         series.setdefault((r["model"], r["attack"]), []).append(r)
-    models = sorted({m for m, _ in series}, key=[r["model"] for r in rows].index)
-    attacks = sorted({a for _, a in series}, key=[r["attack"] for r in rows].index)
+    models = list(dict.fromkeys(m for m, _ in series))  # in the rows' order
+    attacks = list(dict.fromkeys(a for _, a in series))
     colours = plt.get_cmap("tab10")
     styles = ["-", "--", ":", "-."]
     markers = ["o", "s", "^", "D", "v", "P"]

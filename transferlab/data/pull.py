@@ -591,7 +591,7 @@ def _collect(
         if reason is None:
             path = f"{IMAGES_DIR}/{f.label}/{f.relpath}"
             first = first_seen.setdefault(res.sha256, path)
-            if first is path:  # the first file with these bytes
+            if first == path:  # the first file with these bytes (paths are unique)
                 rows.append((f.label, path, _manifest_line(path, f.label, res)))
                 continue
             reason = f"duplicate: same bytes as {first}"
