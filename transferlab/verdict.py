@@ -92,7 +92,7 @@ def what_to_ship(
     attack_label = next((g.attack for g in robust_g.values() if g.robust_acc is not None), "")
     alpha = gate.alpha
     clean_in, clean_best, clean_v = _survivors(clean, names, alpha)
-    robust_in, robust_best, robust_v = _survivors(robust, clean_in, alpha)
+    robust_in, robust_best, _ = _survivors(robust, clean_in, alpha)
     _, robust_top, robust_all_v = _survivors(robust, names, alpha)
     seconds = {
         m: metrics_by_method[m].get("train_seconds", metrics_by_method[m].get("fit_seconds"))
@@ -139,9 +139,7 @@ def what_to_ship(
     }
 
 
-def _for_robustness(
-    pick: str, top: str, verdicts: dict, clean: dict, robust: dict
-) -> dict | None:
+def _for_robustness(pick: str, top: str, verdicts: dict, clean: dict, robust: dict) -> dict | None:
     """The most robust method when it is significantly more robust than the pick: its robust
     gain and clean cost against the pick (None when the pick is as robust as any)."""
     if not top or top == pick or verdicts.get(pick, (TIE, ""))[0] != LOSS:

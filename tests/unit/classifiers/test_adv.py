@@ -10,7 +10,14 @@ from transferlab.classifiers.adv import ramped_eps, robust_accuracy, train_adv
 from transferlab.classifiers.training import make_head
 from transferlab.methods import AdvParams
 
-FAST = {"image_size": 32, "batch_size": 6, "augment": False, "epochs": 2, "min_steps": 1, "eps": 2 / 255}
+FAST = {
+    "image_size": 32,
+    "batch_size": 6,
+    "augment": False,
+    "epochs": 2,
+    "min_steps": 1,
+    "eps": 2 / 255,
+}
 
 
 def _train(backbone, images, tmp_path=None, hook=None, **kw):
